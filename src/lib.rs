@@ -1,0 +1,27 @@
+//! # vlm
+//!
+//! Vision-language model inference on [burn](https://burn.dev): a vision encoder, a cross-modal
+//! projector and a language decoder, computing what HuggingFace transformers computes.
+//!
+//! Supported today: the InternVL family (InternVL 2 / 2.5 / 3, in both the OpenGVLab and the
+//! transformers checkpoint layouts) and NVIDIA's NVLM-D. Models run on burn's CPU backend
+//! (ndarray) by default and on its CUDA backend with the `cuda` feature.
+//!
+//! The crate has three layers, each usable alone:
+//! - [`loader::load_internvl`] builds a model from a checkpoint directory;
+//! - [`models::InternVlModel::forward`] takes token ids and pixel values with a [`nn::KvCache`];
+//! - the blocks ([`vision::InternVit`], [`projector::MultiModalProjector`], [`text::TextModel`])
+//!   each follow `Config -> init -> forward`.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod loader;
+pub mod models;
+pub mod nn;
+pub mod projector;
+pub mod text;
+pub mod vision;
+
+pub use burn::tensor::Device;
+pub use error::{Error, Result};

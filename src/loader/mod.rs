@@ -1,0 +1,171 @@
+//! Loading checkpoints: `config.json`, safetensors weights in either layout, and the few
+//! tokenizer facts the model itself needs. The only code that knows checkpoint tensor names.
+
+pub mod layout;
+pub mod safetensors;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, FloatDType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use self::safetensors::WeightFiles;
+use crate::config::{CheckpointConfig, CheckpointLayout};
+use crate::error::{Error, Result};
+use crate::models::InternVlModel;
+
+/// Loads an InternVL-family model from a local checkpoint directory: `config.json`, the weights
+/// and (for OpenGVLab checkpoints, whose config does not name it) the image-context token id
+/// from `tokenizer.json`.
+pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, InternVlModel)> {
+    let mut config = CheckpointConfig::from_file(&dir.join("config.json"))?;
+    if config.model.image_token_id.is_none() {
+        let token = config.model.variant.image_context_token();
+        config.model.image_token_id = added_token_id(&dir.join("tokenizer.json"), token)?;
+    }
+    let files = WeightFiles::open(dir)?;
+    let model = config.model.init(device);
+    let model = fill(model, &files, config.layout, device)?;
+    Ok((config, model))
+}
+
+/// Replaces every parameter of `model` with its checkpoint tensor. Fails on a shape mismatch, on
+/// parameters left unfilled and on checkpoint tensors left unused (a tied `lm_head` stored anyway
+/// is the one tensor allowed to go unused).
+pub fn fill(model: InternVlModel, files: &WeightFiles, layout: CheckpointLayout, device: &Device) -> Result<InternVlModel> {
+    let progress = ProgressBar::new(files.total_bytes() as u64).with_style(
+        ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let tied = model.lm_head.is_none();
+    let mut filler = Filler {
+        files,
+        layout,
+        device: device.clone(),
+        dtype: device.settings().float_dtype,
+        path: Vec::new(),
+        used: BTreeSet::new(),
+        missing: Vec::new(),
+        error: None,
+        progress: &progress,
+    };
+    let model = model.map(&mut filler);
+    progress.finish_and_clear();
+    if let Some(error) = filler.error {
+        return Err(error);
+    }
+    let mut used = filler.used;
+    if tied {
+        for name in ["language_model.lm_head.weight", "lm_head.weight"] {
+            if files.get(name).is_some() {
+                log::debug!("ignoring {name}: the output projection is tied to the embeddings");
+                used.insert(name.to_string());
+            }
+        }
+    }
+    let unused: Vec<String> = files.names().filter(|name| !used.contains(*name)).map(String::from).collect();
+    if !filler.missing.is_empty() || !unused.is_empty() {
+        return Err(Error::Weights { missing: filler.missing, unused });
+    }
+    Ok(model)
+}
+
+/// Walks the module tree, tracking the canonical parameter path, and swaps in checkpoint tensors.
+struct Filler<'a> {
+    files: &'a WeightFiles,
+    layout: CheckpointLayout,
+    device: Device,
+    dtype: FloatDType,
+    /// Path segments of the module being visited.
+    path: Vec<String>,
+    /// Checkpoint tensors consumed so far.
+    used: BTreeSet<String>,
+    /// Canonical names of parameters no tensor was found for.
+    missing: Vec<String>,
+    /// The first hard error (shape or dtype); later parameters are skipped.
+    error: Option<Error>,
+    progress: &'a ProgressBar,
+}
+
+impl Filler<'_> {
+    fn load<const D: usize>(&mut self, expected: [usize; D]) -> Result<Option<Tensor<D>>> {
+        let canonical = self.path.join(".");
+        let Some(source) = layout::sources(self.layout, &canonical).into_iter().find(|s| self.files.get(&s.name).is_some())
+        else {
+            self.missing.push(canonical);
+            return Ok(None);
+        };
+        let entry = self.files.get(&source.name).expect("source was found above");
+        let mut stored_expected = expected.to_vec();
+        stored_expected[0] *= source.parts;
+        if entry.shape != stored_expected {
+            return Err(Error::ShapeMismatch { name: source.name, expected: stored_expected, found: entry.shape.clone() });
+        }
+        let data = self.files.read_rows(&source.name, source.part, source.parts, self.dtype)?;
+        if source.part + 1 == source.parts {
+            self.progress.inc((data.num_elements() * source.parts) as u64 * entry_bytes(entry));
+        }
+        self.used.insert(source.name);
+        Ok(Some(Tensor::from_data(data, &self.device)))
+    }
+}
+
+fn entry_bytes(entry: &self::safetensors::TensorEntry) -> u64 {
+    match entry.dtype {
+        ::safetensors::Dtype::F32 => 4,
+        _ => 2,
+    }
+}
+
+impl ModuleMapper for Filler<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        // Enum variants (e.g. `Norm::LayerNorm`) are not part of checkpoint names.
+        if !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let expected: [usize; D] = param.lazy_shape().dims();
+        match self.load(expected) {
+            Ok(Some(tensor)) => Param::initialized(param.id, tensor),
+            Ok(None) => param,
+            Err(error) => {
+                self.error = Some(error);
+                param
+            }
+        }
+    }
+}
+
+/// The id of an added (special) token in `tokenizer.json`, if the file exists and has it.
+pub fn added_token_id(path: &Path, content: &str) -> Result<Option<u32>> {
+    #[derive(serde::Deserialize)]
+    struct AddedToken {
+        id: u32,
+        content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct TokenizerJson {
+        #[serde(default)]
+        added_tokens: Vec<AddedToken>,
+    }
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let tokenizer: TokenizerJson =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    Ok(tokenizer.added_tokens.into_iter().find(|t| t.content == content).map(|t| t.id))
+}

@@ -1,0 +1,162 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded
+//! (`model.safetensors.index.json`), with every header validated up front.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{FloatDType, TensorData};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Index into the shard list.
+    file: usize,
+    /// Stored element type.
+    pub dtype: Dtype,
+    /// Stored shape.
+    pub shape: Vec<usize>,
+    /// Byte range within the file.
+    range: std::ops::Range<usize>,
+}
+
+/// All tensors of a checkpoint, by name.
+pub struct WeightFiles {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    weight_map: HashMap<String, String>,
+}
+
+impl WeightFiles {
+    /// Opens `model.safetensors.index.json` and its shards if present, else `model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let index: Index =
+                serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
+            let mut shards: Vec<&String> = index.weight_map.values().collect();
+            shards.sort();
+            shards.dedup();
+            let files = Self::open_files(shards.iter().map(|name| dir.join(name)).collect())?;
+            // Every tensor the index promises must be in the shard it names.
+            for (name, shard) in &index.weight_map {
+                let found = files.tensors.get(name).map(|entry| &files.paths[entry.file]);
+                if found != Some(&dir.join(shard)) {
+                    return Err(Error::Safetensors {
+                        path: dir.join(shard),
+                        reason: format!("{INDEX_FILE} places tensor {name} in this shard, but it is not there"),
+                    });
+                }
+            }
+            Ok(files)
+        } else {
+            Self::open_files(vec![dir.join(SINGLE_FILE)])
+        }
+    }
+
+    /// Opens the given files as one checkpoint.
+    pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
+        let mut maps = Vec::with_capacity(paths.len());
+        let mut tensors = BTreeMap::new();
+        for (file, path) in paths.iter().enumerate() {
+            let handle = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the map is read-only; a checkpoint rewritten while mapped is the caller's
+            // problem, as with any memory-mapped model file.
+            let map = unsafe { Mmap::map(&handle) }.map_err(|e| Error::io(path, e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map)
+                .map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let (start, end) = info.data_offsets;
+                let entry = TensorEntry {
+                    file,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    range: data_start + start..data_start + end,
+                };
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        reason: format!("tensor {name} is stored in more than one shard"),
+                    });
+                }
+            }
+            maps.push(map);
+        }
+        Ok(Self { paths, maps, tensors })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The entry for `name`, if the checkpoint has it.
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|entry| entry.range.len()).sum()
+    }
+
+    /// Decodes rows `[part * n, (part + 1) * n)` of a tensor whose first dimension is split into
+    /// `parts` equal blocks (`part = 0, parts = 1` is the whole tensor), converted to `dtype`.
+    pub fn read_rows(&self, name: &str, part: usize, parts: usize, dtype: FloatDType) -> Result<TensorData> {
+        let entry = &self.tensors[name];
+        let element = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => return Err(Error::UnsupportedDtype { name: name.into(), dtype: format!("{other:?}") }),
+        };
+        let bytes = &self.maps[entry.file][entry.range.clone()];
+        let block = bytes.len() / parts;
+        let bytes = &bytes[part * block..(part + 1) * block];
+        let mut shape = entry.shape.clone();
+        if let Some(rows) = shape.first_mut() {
+            *rows /= parts;
+        }
+        debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * element);
+        Ok(decode(bytes, entry.dtype, dtype, shape))
+    }
+}
+
+/// Little-endian bytes of `source` type -> a tensor of the device's float type. The only place
+/// weights change precision.
+fn decode(bytes: &[u8], source: Dtype, target: FloatDType, shape: Vec<usize>) -> TensorData {
+    let halves = |bytes: &[u8]| bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect::<Vec<_>>();
+    let as_f32 = |bytes: &[u8]| -> Vec<f32> {
+        match source {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => halves(bytes).into_iter().map(|h| f16::from_bits(h).to_f32()).collect(),
+            _ => halves(bytes).into_iter().map(|h| bf16::from_bits(h).to_f32()).collect(),
+        }
+    };
+    match (target, source) {
+        (FloatDType::BF16, Dtype::BF16) => {
+            TensorData::new(halves(bytes).into_iter().map(bf16::from_bits).collect(), shape)
+        }
+        (FloatDType::F16, Dtype::F16) => TensorData::new(halves(bytes).into_iter().map(f16::from_bits).collect(), shape),
+        (FloatDType::BF16, _) => TensorData::new(as_f32(bytes).into_iter().map(bf16::from_f32).collect(), shape),
+        (FloatDType::F16, _) => TensorData::new(as_f32(bytes).into_iter().map(f16::from_f32).collect(), shape),
+        _ => TensorData::new(as_f32(bytes), shape),
+    }
+}

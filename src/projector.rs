@@ -1,0 +1,89 @@
+//! From vision features to decoder embeddings: pixel shuffle, then the MLP projector
+//! (transformers' `InternVLModel.pixel_shuffle` and `InternVLMultiModalProjector`; OpenGVLab's `mlp1`).
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::{Activation, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+
+/// OpenGVLab's `ps_version`: v1 omits the final transpose of v2 (transformers always does v2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelShuffleVersion {
+    /// The original implementation, features in transposed (column-major) order.
+    V1,
+    /// Row-major order, as every recent checkpoint.
+    V2,
+}
+
+/// Folds each `factor x factor` block of neighbouring patches into one token with `factor^2` times
+/// the channels (a space-to-depth with InternVL's memory order).
+///
+/// # Shapes
+/// - features: `[tiles, side, side, channels]`
+/// - output: `[tiles, side / factor, side / factor, channels * factor^2]`
+pub fn pixel_shuffle(features: Tensor<4>, factor: usize, version: PixelShuffleVersion) -> Tensor<4> {
+    let [tiles, width, height, channels] = features.dims();
+    let shuffled = features
+        .reshape([tiles, width, height / factor, channels * factor]) // merge pairs along height
+        .swap_dims(1, 2) // [tiles, height / f, width, channels * f]
+        .reshape([tiles, height / factor, width / factor, channels * factor * factor]);
+    match version {
+        PixelShuffleVersion::V1 => shuffled,
+        PixelShuffleVersion::V2 => shuffled.swap_dims(1, 2), // [tiles, width / f, height / f, channels * f^2]
+    }
+}
+
+/// Shape of the projector MLP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProjectorConfig {
+    /// Width of a pixel-shuffled vision token (`vision hidden * factor^2`).
+    pub input_size: usize,
+    /// Width of the hidden layer: the decoder width for InternVL, the decoder's MLP width for NVLM-D.
+    pub hidden_size: usize,
+    /// The decoder width.
+    pub output_size: usize,
+    /// Whether the two linear layers have biases (NVLM-D's do not).
+    pub bias: bool,
+    /// Epsilon of the input LayerNorm.
+    pub layer_norm_eps: f64,
+    /// Activation between the linear layers.
+    pub activation: Activation,
+}
+
+impl ProjectorConfig {
+    /// Creates the projector (parameters filled by the loader).
+    pub fn init(&self, device: &Device) -> MultiModalProjector {
+        MultiModalProjector {
+            layer_norm: LayerNormConfig { d_model: self.input_size, eps: self.layer_norm_eps, bias: true }
+                .init(device),
+            linear_1: LinearConfig::new(self.input_size, self.hidden_size, self.bias).init(device),
+            linear_2: LinearConfig::new(self.hidden_size, self.output_size, self.bias).init(device),
+            activation: self.activation,
+        }
+    }
+}
+
+/// `linear_2(act(linear_1(layer_norm(x))))`.
+#[derive(Module, Debug)]
+pub struct MultiModalProjector {
+    /// LayerNorm over the shuffled vision token.
+    pub layer_norm: LayerNorm,
+    /// `[hidden, input]`
+    pub linear_1: Linear,
+    /// `[output, hidden]`
+    pub linear_2: Linear,
+    #[module(skip)]
+    activation: Activation,
+}
+
+impl MultiModalProjector {
+    /// # Shapes
+    /// - input: `[..., input_size]`
+    /// - output: `[..., output_size]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = self.linear_1.forward(self.layer_norm.forward(x));
+        self.linear_2.forward(self.activation.forward(x))
+    }
+}

@@ -1,0 +1,269 @@
+//! A Llama-family decoder: token embeddings, pre-norm layers of grouped-query attention with
+//! rotate-half RoPE and a gated MLP, final RMSNorm. Qwen2 is the same with biases on q, k and v
+//! (transformers' `models/qwen2/modeling_qwen2.py`, `models/llama/modeling_llama.py`).
+
+use burn::module::{Initializer, Module, Param};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::error::{Error, Result};
+use crate::nn::rope::RopeTables;
+use crate::nn::{
+    scaled_dot_product_attention, Activation, AttentionMask, GatedMlp, GatedMlpConfig, KvCache, Linear,
+    LinearConfig, RmsNorm, RmsNormConfig, RotaryEmbedding,
+};
+
+/// Shape and options of a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Inner width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Epsilon of the RMSNorms.
+    pub rms_norm_eps: f64,
+    /// Base frequency of the rotary embedding.
+    pub rope_theta: f64,
+    /// Longest sequence the model was trained for.
+    pub max_position_embeddings: usize,
+    /// Biases on the q, k and v projections (Qwen2: yes; Llama: `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`; never for Qwen2).
+    pub o_bias: bool,
+    /// Biases in the MLP (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// Activation of the MLP gate.
+    pub hidden_act: Activation,
+    /// Whether the output projection reuses the embedding table.
+    pub tie_word_embeddings: bool,
+}
+
+impl TextConfig {
+    /// A two-layer Qwen2-shaped decoder small enough for unit tests.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 128,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 512,
+            qkv_bias: true,
+            o_bias: false,
+            mlp_bias: false,
+            hidden_act: Activation::Silu,
+            tie_word_embeddings: true,
+        }
+    }
+
+    /// Creates the decoder (parameters filled by the loader).
+    pub fn init(&self, device: &Device) -> TextModel {
+        TextModel {
+            embed_tokens: Embedding {
+                weight: Initializer::Zeros.init([self.vocab_size, self.hidden_size], device),
+            },
+            layers: (0..self.num_hidden_layers).map(|_| self.init_layer(device)).collect(),
+            norm: RmsNormConfig { d_model: self.hidden_size, eps: self.rms_norm_eps }.init(device),
+            rope: RotaryEmbedding::new(self.head_dim, self.rope_theta),
+            config: self.clone(),
+        }
+    }
+
+    fn init_layer(&self, device: &Device) -> DecoderLayer {
+        let (h, d) = (self.hidden_size, self.head_dim);
+        let norm = RmsNormConfig { d_model: h, eps: self.rms_norm_eps };
+        DecoderLayer {
+            self_attn: SelfAttention {
+                q_proj: LinearConfig::new(h, self.num_attention_heads * d, self.qkv_bias).init(device),
+                k_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias).init(device),
+                v_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias).init(device),
+                o_proj: LinearConfig::new(self.num_attention_heads * d, h, self.o_bias).init(device),
+                num_heads: self.num_attention_heads,
+                num_kv_heads: self.num_key_value_heads,
+                head_dim: d,
+            },
+            mlp: GatedMlpConfig {
+                hidden_size: h,
+                intermediate_size: self.intermediate_size,
+                activation: self.hidden_act,
+                bias: self.mlp_bias,
+            }
+            .init(device),
+            input_layernorm: norm.init(device),
+            post_attention_layernorm: norm.init(device),
+        }
+    }
+
+    /// An empty KV cache for `batch` sequences of up to `capacity` tokens.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(self.num_hidden_layers, batch, self.num_key_value_heads, self.head_dim, capacity)
+    }
+}
+
+/// Token embedding table (`nn.Embedding`).
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[vocab, hidden]`
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// # Shapes
+    /// - ids: `[batch, seq_len]`
+    /// - output: `[batch, seq_len, hidden]`
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+/// The decoder stack without the output projection (transformers' `Qwen2Model`).
+#[derive(Module, Debug)]
+pub struct TextModel {
+    /// Token embeddings.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    #[module(skip)]
+    rope: RotaryEmbedding,
+    #[module(skip)]
+    config: TextConfig,
+}
+
+impl TextModel {
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.lazy_device()
+    }
+
+    /// Looks up token embeddings, checking ids against the vocabulary.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq_len, hidden]`
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
+        let batch = ids.len();
+        let seq_len = ids.first().map_or(0, Vec::len);
+        if batch == 0 || seq_len == 0 || ids.iter().any(|row| row.len() != seq_len) {
+            return Err(Error::Input("token ids must be a non-empty rectangle".into()));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let flat: Vec<i64> = ids.iter().flatten().map(|&id| i64::from(id)).collect();
+        let ids = Tensor::<1, Int>::from_data(flat.as_slice(), &self.device()).reshape([batch, seq_len]);
+        Ok(self.embed_tokens.forward(ids))
+    }
+
+    /// Runs the decoder over new tokens, appending their keys and values to `cache`.
+    ///
+    /// # Shapes
+    /// - inputs_embeds: `[batch, seq_len, hidden]`
+    /// - output: `[batch, seq_len, hidden]` (after the final norm)
+    pub fn forward(&self, inputs_embeds: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let [batch, seq_len, _] = inputs_embeds.dims();
+        if batch != cache.batch_size() {
+            return Err(Error::Input(format!(
+                "a batch of {batch} sequences with a KV cache for {}",
+                cache.batch_size()
+            )));
+        }
+        cache.check_room(seq_len)?;
+        let device = inputs_embeds.device();
+        let rope = self.rope.tables(&cache.positions(seq_len), &device);
+        let mask = cache.mask(seq_len, &device);
+        let mut hidden = inputs_embeds;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let attn_in = layer.input_layernorm.forward(hidden.clone());
+            let attn = layer.self_attn.forward(attn_in, &rope, mask.clone(), cache, index);
+            hidden = hidden + attn;
+            let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(hidden.clone()));
+            hidden = hidden + mlp;
+        }
+        cache.advance(seq_len);
+        Ok(self.norm.forward(hidden))
+    }
+
+    /// Logits with the embedding table as output projection (tied `lm_head`).
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq_len, hidden]`
+    /// - output: `[batch, seq_len, vocab]`
+    pub fn tied_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        burn::tensor::module::linear(hidden, self.embed_tokens.weight.val().transpose(), None)
+    }
+}
+
+/// One pre-norm decoder layer (`Qwen2DecoderLayer`).
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Grouped-query self-attention.
+    pub self_attn: SelfAttention,
+    /// Gated MLP.
+    pub mlp: GatedMlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// Causal grouped-query attention with RoPE and a KV cache (`Qwen2Attention`).
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    /// `[heads * head_dim, hidden]`
+    pub q_proj: Linear,
+    /// `[kv_heads * head_dim, hidden]`
+    pub k_proj: Linear,
+    /// `[kv_heads * head_dim, hidden]`
+    pub v_proj: Linear,
+    /// `[hidden, heads * head_dim]`
+    pub o_proj: Linear,
+    #[module(skip)]
+    num_heads: usize,
+    #[module(skip)]
+    num_kv_heads: usize,
+    #[module(skip)]
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    /// Attends the new tokens to everything in `cache` (after writing their keys and values there).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq_len, hidden]`
+    /// - output: `[batch, seq_len, hidden]`
+    fn forward(&self, x: Tensor<3>, rope: &RopeTables, mask: AttentionMask, cache: &mut KvCache, layer: usize) -> Tensor<3> {
+        let [batch, seq_len, _] = x.dims();
+        let head_dim = self.head_dim;
+        // [batch, seq_len, heads * head_dim] -> [batch, heads, seq_len, head_dim]
+        let split = |t: Tensor<3>, heads: usize| t.reshape([batch, seq_len, heads, head_dim]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = cache.update(layer, k, v);
+        let scale = (head_dim as f64).powf(-0.5);
+        let out = scaled_dot_product_attention(q, k, v, mask, scale);
+        // [batch, heads, seq_len, head_dim] -> [batch, seq_len, heads * head_dim]
+        let out = out.swap_dims(1, 2).reshape([batch, seq_len, self.num_heads * head_dim]);
+        self.o_proj.forward(out)
+    }
+}

@@ -1,0 +1,5 @@
+//! Language decoders.
+
+pub mod decoder;
+
+pub use decoder::{TextConfig, TextModel};

@@ -1,0 +1,71 @@
+//! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+use vlm::Device;
+
+/// `tests/fixtures/models/<name>`.
+pub fn model_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+/// Reference activations written by `scripts/make_fixtures.py`.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    /// `tests/fixtures/reference/<weights>.safetensors`.
+    pub fn load(weights: &str) -> Self {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference").join(format!("{weights}.safetensors"));
+        Self { bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
+    }
+
+    fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let tensors = SafeTensors::deserialize(&self.bytes).expect("reference file");
+        let view = tensors.tensor(name).unwrap_or_else(|_| panic!("reference has no {name}"));
+        (view.dtype(), view.shape().to_vec(), view.data().to_vec())
+    }
+
+    /// An f32 tensor as (shape, values).
+    pub fn floats(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let (dtype, shape, data) = self.view(name);
+        assert_eq!(dtype, Dtype::F32, "{name}");
+        (shape, data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    /// An i64 tensor as rows of u32 (last dimension per row).
+    pub fn ids(&self, name: &str) -> Vec<Vec<u32>> {
+        let (dtype, shape, data) = self.view(name);
+        assert_eq!(dtype, Dtype::I64, "{name}");
+        let values: Vec<u32> =
+            data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+        let width = *shape.last().unwrap();
+        values.chunks(width).map(<[u32]>::to_vec).collect()
+    }
+
+    /// A float tensor on `device`.
+    pub fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
+        let (shape, values) = self.floats(name);
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+}
+
+/// `max |actual - expected| / max |expected|`: the error relative to the reference's scale.
+pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: &(Vec<usize>, Vec<f32>)) -> f32 {
+    let actual_shape = actual.dims().to_vec();
+    assert_eq!(actual_shape, expected.0, "shape");
+    let actual = actual.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let scale = expected.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = actual.iter().zip(&expected.1).fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+    diff / scale
+}
+
+/// Index of the largest value in each row of `[rows, n]`.
+pub fn argmax_rows(logits: Tensor<2>) -> Vec<u32> {
+    let ids: Tensor<2, Int> = logits.argmax(1);
+    ids.into_data().convert::<i64>().to_vec::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+}
