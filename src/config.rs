@@ -92,14 +92,13 @@ impl CheckpointConfig {
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let json = |source| Error::Json { path: path.to_path_buf(), source };
         let head: Head = serde_json::from_str(text).map_err(json)?;
-        let architecture = head
-            .architectures
-            .iter()
-            .find_map(|name| Architecture::from_name(name))
-            .ok_or_else(|| Error::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                architectures: head.architectures.clone(),
-                supported: Architecture::SUPPORTED.into(),
+        let architecture =
+            head.architectures.iter().find_map(|name| Architecture::from_name(name)).ok_or_else(|| {
+                Error::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    architectures: head.architectures.clone(),
+                    supported: Architecture::SUPPORTED.into(),
+                }
             })?;
         let config = match architecture {
             Architecture::InternVlHf => serde_json::from_str::<HfConfig>(text).map_err(json)?.convert(path)?,
@@ -115,30 +114,32 @@ impl CheckpointConfig {
         let invalid = |message: String| Err(Error::config(path, message));
         let v = &self.model.vision;
         let t = &self.model.text;
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return invalid(format!(
                 "vision hidden_size {} is not a multiple of num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return invalid(format!("image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size));
         }
         let factor = self.model.shuffle_factor;
-        if factor == 0 || v.patches_per_side() % factor != 0 {
+        if factor == 0 || !v.patches_per_side().is_multiple_of(factor) {
             return invalid(format!(
                 "{} patches per side cannot be pixel-shuffled by a factor of {factor}",
                 v.patches_per_side()
             ));
         }
-        if t.num_attention_heads == 0 || t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0
+        if t.num_attention_heads == 0
+            || t.num_key_value_heads == 0
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
         {
             return invalid(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 t.num_attention_heads, t.num_key_value_heads
             ));
         }
-        if t.head_dim == 0 || t.head_dim % 2 != 0 {
+        if t.head_dim == 0 || !t.head_dim.is_multiple_of(2) {
             return invalid(format!("head_dim {} must be even for rotary embeddings", t.head_dim));
         }
         if t.vocab_size == 0 || t.hidden_size == 0 || t.num_hidden_layers == 0 {
@@ -264,12 +265,8 @@ impl TextJson {
         if let Some(kind) = rope_type.filter(|kind| kind != "default") {
             return Err(Error::config(path, format!("RoPE scaling type {kind:?} is not supported")));
         }
-        let rope_theta = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0);
         let hidden_size = self.hidden_size.unwrap_or(4096);
         let heads = self.num_attention_heads.unwrap_or(32);
         if heads == 0 {
@@ -367,7 +364,10 @@ impl HfConfig {
     fn convert(self, path: &Path) -> Result<CheckpointConfig> {
         let v = &self.vision_config;
         if !v.use_mean_pooling {
-            return Err(Error::config(path, "vision_config.use_mean_pooling = false (a final ViT LayerNorm) is not supported"));
+            return Err(Error::config(
+                path,
+                "vision_config.use_mean_pooling = false (a final ViT LayerNorm) is not supported",
+            ));
         }
         if !v.use_absolute_position_embeddings {
             return Err(Error::config(path, "vision towers without absolute position embeddings are not supported"));
@@ -375,7 +375,10 @@ impl HfConfig {
         if self.vision_feature_select_strategy != "default" {
             return Err(Error::config(
                 path,
-                format!("vision_feature_select_strategy {:?} is not supported (only \"default\")", self.vision_feature_select_strategy),
+                format!(
+                    "vision_feature_select_strategy {:?} is not supported (only \"default\")",
+                    self.vision_feature_select_strategy
+                ),
             ));
         }
         let vision = InternVitConfig {
@@ -484,7 +487,9 @@ impl OriginalConfig {
         if let Some(forced) = self.force_image_size.filter(|&forced| forced != image_size) {
             return Err(Error::config(
                 path,
-                format!("force_image_size {forced} differs from vision_config.image_size {image_size} (position-embedding interpolation is not supported)"),
+                format!(
+                    "force_image_size {forced} differs from vision_config.image_size {image_size} (position-embedding interpolation is not supported)"
+                ),
             ));
         }
         let vision = InternVitConfig {
@@ -540,7 +545,11 @@ impl OriginalConfig {
 /// `1 / downsample_ratio`, which must be a whole number.
 fn shuffle_factor(downsample_ratio: f64, path: &Path) -> Result<usize> {
     let factor = (1.0 / downsample_ratio).round();
-    if !(downsample_ratio > 0.0) || (1.0 / downsample_ratio - factor).abs() > 1e-6 || factor < 1.0 {
+    if downsample_ratio <= 0.0
+        || !downsample_ratio.is_finite()
+        || (1.0 / downsample_ratio - factor).abs() > 1e-6
+        || factor < 1.0
+    {
         return Err(Error::config(path, format!("downsample_ratio {downsample_ratio} is not 1/n for a whole n")));
     }
     Ok(factor as usize)
@@ -553,28 +562,174 @@ mod defaults {
 
     use super::Size;
 
-    pub fn vit_hidden() -> usize { 1024 }
-    pub fn vit_layers() -> usize { 24 }
-    pub fn vit_heads() -> usize { 16 }
-    pub fn vit_intermediate() -> usize { 4096 }
-    pub fn vit6b_hidden() -> usize { 3200 }
-    pub fn vit6b_layers() -> usize { 48 }
-    pub fn vit6b_heads() -> usize { 25 }
-    pub fn vit6b_intermediate() -> usize { 12800 }
-    pub fn vit_eps() -> f64 { 1e-6 }
-    pub fn layer_norm() -> NormKind { NormKind::LayerNorm }
-    pub fn rms_norm() -> NormKind { NormKind::RmsNorm }
-    pub fn image_448() -> Size { Size::Square(448) }
-    pub fn image_224() -> Size { Size::Square(224) }
-    pub fn patch_14() -> Size { Size::Square(14) }
-    pub fn channels() -> usize { 3 }
-    pub fn gelu() -> Activation { Activation::Gelu }
-    pub fn yes() -> bool { true }
-    pub fn image_token_id() -> u32 { 151_667 }
-    pub fn half() -> f64 { 0.5 }
-    pub fn last_layer() -> i64 { -1 }
-    pub fn select_strategy() -> String { "default".into() }
-    pub fn ps_v1() -> PixelShuffleVersion { PixelShuffleVersion::V1 }
-    pub fn one() -> usize { 1 }
-    pub fn six() -> usize { 6 }
+    pub fn vit_hidden() -> usize {
+        1024
+    }
+    pub fn vit_layers() -> usize {
+        24
+    }
+    pub fn vit_heads() -> usize {
+        16
+    }
+    pub fn vit_intermediate() -> usize {
+        4096
+    }
+    pub fn vit6b_hidden() -> usize {
+        3200
+    }
+    pub fn vit6b_layers() -> usize {
+        48
+    }
+    pub fn vit6b_heads() -> usize {
+        25
+    }
+    pub fn vit6b_intermediate() -> usize {
+        12800
+    }
+    pub fn vit_eps() -> f64 {
+        1e-6
+    }
+    pub fn layer_norm() -> NormKind {
+        NormKind::LayerNorm
+    }
+    pub fn rms_norm() -> NormKind {
+        NormKind::RmsNorm
+    }
+    pub fn image_448() -> Size {
+        Size::Square(448)
+    }
+    pub fn image_224() -> Size {
+        Size::Square(224)
+    }
+    pub fn patch_14() -> Size {
+        Size::Square(14)
+    }
+    pub fn channels() -> usize {
+        3
+    }
+    pub fn gelu() -> Activation {
+        Activation::Gelu
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn image_token_id() -> u32 {
+        151_667
+    }
+    pub fn half() -> f64 {
+        0.5
+    }
+    pub fn last_layer() -> i64 {
+        -1
+    }
+    pub fn select_strategy() -> String {
+        "default".into()
+    }
+    pub fn ps_v1() -> PixelShuffleVersion {
+        PixelShuffleVersion::V1
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn six() -> usize {
+        6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<CheckpointConfig> {
+        CheckpointConfig::from_json(json, Path::new("config.json"))
+    }
+
+    const HF_VISION: &str = r#""vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "image_size": [112, 112], "patch_size": 14}"#;
+
+    #[test]
+    fn rope_theta_and_dtype_accept_transformers_4_and_5_spellings() {
+        let v4 = format!(
+            r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION}, "torch_dtype": "bfloat16",
+            "text_config": {{"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "rope_theta": 1000000.0}}}}"#
+        );
+        let v5 = format!(
+            r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION}, "dtype": "bfloat16",
+            "text_config": {{"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+            "rope_parameters": {{"rope_theta": 1000000, "rope_type": "default"}}}}}}"#
+        );
+        let (v4, v5) = (parse(&v4).unwrap(), parse(&v5).unwrap());
+        assert_eq!(v4.model.text.rope_theta, 1e6);
+        assert_eq!(v4, v5);
+        assert_eq!(v5.dtype.as_deref(), Some("bfloat16"));
+    }
+
+    #[test]
+    fn transformers_layout_defaults_follow_the_python_classes() {
+        let config =
+            parse(&format!(r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION}}}"#)).unwrap();
+        assert_eq!(config.layout, CheckpointLayout::Transformers);
+        assert_eq!(config.model.image_token_id, Some(151_667));
+        assert!(!config.model.vision.qkv_bias);
+        assert_eq!(config.model.vision.norm, NormKind::LayerNorm);
+        assert_eq!(config.model.text.vocab_size, 151_936);
+        assert!(config.model.text.qkv_bias && !config.model.text.o_bias);
+        assert!(config.model.text.tie_word_embeddings);
+        assert_eq!(config.model.pixel_shuffle, PixelShuffleVersion::V2);
+        assert_eq!(config.model.tokens_per_tile(), 16);
+    }
+
+    #[test]
+    fn opengvlab_defaults_are_internvit_6b_and_ps_v1() {
+        let config = parse(
+            r#"{"architectures": ["InternVLChatModel"], "vision_config": {"image_size": 448},
+            "llm_config": {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4}}"#,
+        )
+        .unwrap();
+        let v = &config.model.vision;
+        assert_eq!((v.hidden_size, v.num_hidden_layers, v.num_attention_heads), (3200, 48, 25));
+        assert!(v.qk_norm && !v.qkv_bias);
+        assert_eq!(v.norm, NormKind::RmsNorm);
+        assert_eq!(config.model.pixel_shuffle, PixelShuffleVersion::V1);
+        assert!(!config.model.text.qkv_bias && !config.model.text.tie_word_embeddings);
+        assert_eq!(
+            config.tiling,
+            Some(TilingDefaults { dynamic: false, min_tiles: 1, max_tiles: 6, use_thumbnail: false })
+        );
+    }
+
+    #[test]
+    fn nvlm_projector_is_bias_free_and_as_wide_as_the_decoder_mlp() {
+        let config = parse(
+            r#"{"architectures": ["NVLM_D"], "vision_config": {"image_size": 448},
+            "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 29568}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.model.variant, InternVlVariant::NvlmD);
+        assert_eq!(config.model.projector.hidden_size, 29568);
+        assert!(!config.model.projector.bias);
+        // the architecture, not the model_type, decides: Qwen2 has q/k/v biases
+        assert!(config.model.text.qkv_bias);
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_is_refused() {
+        let error = parse(&format!(
+            r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION},
+            "text_config": {{"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {{"type": "dynamic", "factor": 2.0}}}}}}"#
+        ))
+        .unwrap_err();
+        assert!(error.to_string().contains("dynamic"), "{error}");
+    }
+
+    #[test]
+    fn select_layer_outside_the_tower_is_refused() {
+        let error = parse(&format!(
+            r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION}, "vision_feature_layer": -4,
+            "text_config": {{"hidden_size": 64, "num_attention_heads": 4}}}}"#
+        ))
+        .unwrap_err();
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+    }
 }

@@ -88,9 +88,7 @@ pub enum Error {
     },
 
     /// The number of image-context tokens in the prompt differs from the number of image features.
-    #[error(
-        "the prompt has {image_tokens} image-context tokens but the images produce {image_features} features"
-    )]
+    #[error("the prompt has {image_tokens} image-context tokens but the images produce {image_features} features")]
     InputMismatch {
         /// Image-context tokens found in `input_ids`.
         image_tokens: usize,

@@ -56,8 +56,7 @@ impl ProjectorConfig {
     /// Creates the projector (parameters filled by the loader).
     pub fn init(&self, device: &Device) -> MultiModalProjector {
         MultiModalProjector {
-            layer_norm: LayerNormConfig { d_model: self.input_size, eps: self.layer_norm_eps, bias: true }
-                .init(device),
+            layer_norm: LayerNormConfig { d_model: self.input_size, eps: self.layer_norm_eps, bias: true }.init(device),
             linear_1: LinearConfig::new(self.input_size, self.hidden_size, self.bias).init(device),
             linear_2: LinearConfig::new(self.hidden_size, self.output_size, self.bias).init(device),
             activation: self.activation,
@@ -85,5 +84,41 @@ impl MultiModalProjector {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = self.linear_1.forward(self.layer_norm.forward(x));
         self.linear_2.forward(self.activation.forward(x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::*;
+
+    /// features[0, w, h, c] = 100 w + 10 h + c on a 4x4 grid with 2 channels.
+    fn grid() -> Tensor<4> {
+        let device = crate::device::cpu();
+        let values: Vec<f32> =
+            (0..4).flat_map(|w| (0..4).flat_map(move |h| (0..2).map(move |c| (100 * w + 10 * h + c) as f32))).collect();
+        Tensor::from_data(TensorData::new(values, [1, 4, 4, 2]), &device)
+    }
+
+    fn values(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn pixel_shuffle_v2_folds_2x2_blocks_row_major() {
+        let out = pixel_shuffle(grid(), 2, PixelShuffleVersion::V2);
+        assert_eq!(out.dims(), [1, 2, 2, 8]);
+        // First token: the block w in {0, 1}, h in {0, 1}, ordered (w0 h0, w0 h1, w1 h0, w1 h1) x channels.
+        assert_eq!(values(out.clone())[..8], [0., 1., 10., 11., 100., 101., 110., 111.]);
+        // Second token along the second axis: h in {2, 3}.
+        assert_eq!(values(out)[8..16], [20., 21., 30., 31., 120., 121., 130., 131.]);
+    }
+
+    #[test]
+    fn pixel_shuffle_v1_is_v2_transposed() {
+        let v1 = pixel_shuffle(grid(), 2, PixelShuffleVersion::V1);
+        let v2 = pixel_shuffle(grid(), 2, PixelShuffleVersion::V2);
+        assert_eq!(values(v1), values(v2.swap_dims(1, 2)));
     }
 }

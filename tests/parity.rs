@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::Tensor;
-use common::{argmax_rows, model_dir, relative_error, Reference};
+use common::{Reference, argmax_rows, model_dir, relative_error};
 use vlm::loader::load_internvl;
 use vlm::models::{InternVlModel, ModelInputs};
 
@@ -57,6 +57,7 @@ fn vision_tower_matches_transformers() {
         let pixel_values = reference.tensor("pixel_values", &model.language_model.device());
         let hidden = model.vision_hidden_state(pixel_values).unwrap();
         let error = relative_error(hidden, &reference.floats("vision_hidden_state"));
+        eprintln!("{checkpoint}: vision tower relative error {error:e}");
         assert!(error <= TOLERANCE, "{checkpoint}: vision tower relative error {error:e}");
     }
 }
@@ -69,6 +70,7 @@ fn projector_output_matches_transformers() {
         let pixel_values = reference.tensor("pixel_values", &model.language_model.device());
         let features = model.image_features(pixel_values).unwrap();
         let error = relative_error(features, &reference.floats("image_features"));
+        eprintln!("{checkpoint}: projector relative error {error:e}");
         assert!(error <= TOLERANCE, "{checkpoint}: projector relative error {error:e}");
     }
 }
@@ -82,6 +84,7 @@ fn logits_match_transformers() {
         let mut cache = model.new_cache(1, inputs.input_ids[0].len());
         let logits = model.forward(&inputs, &mut cache).unwrap();
         let error = relative_error(logits, &reference.floats("logits"));
+        eprintln!("{checkpoint}: logits relative error {error:e}");
         assert!(error <= TOLERANCE, "{checkpoint}: logits relative error {error:e}");
     }
 }
@@ -106,9 +109,114 @@ fn every_layout_of_the_same_weights_gives_identical_logits() {
             let model = load(checkpoint);
             let inputs = inputs(&reference, &model);
             let mut cache = model.new_cache(1, inputs.input_ids[0].len());
-            model.forward(&inputs, &mut cache).unwrap().into_data().to_vec::<f32>().unwrap()
+            model.forward(&inputs, &mut cache).unwrap().into_data().try_to_vec::<f32>().unwrap()
         })
         .collect();
     assert_eq!(logits[0], logits[1], "transformers vs OpenGVLab layout");
     assert_eq!(logits[0], logits[2], "single file vs shards");
+}
+
+#[test]
+fn greedy_with_cache_matches_full_recompute() {
+    let reference = Reference::load("nvlm-d");
+    let model = load("nvlm-d");
+    let inputs = inputs(&reference, &model);
+    let cached = greedy(&model, &inputs, 8);
+    // Without reuse: every step runs the whole sequence through a fresh cache.
+    let mut ids = inputs.input_ids[0].clone();
+    let mut recomputed = Vec::new();
+    for _ in 0..8 {
+        let step = ModelInputs { input_ids: vec![ids.clone()], pixel_values: inputs.pixel_values.clone() };
+        let mut cache = model.new_cache(1, ids.len());
+        let logits = model.forward(&step, &mut cache).unwrap();
+        let [_, len, vocab] = logits.dims();
+        let next = argmax_rows(logits.narrow(1, len - 1, 1).reshape([1, vocab]))[0];
+        recomputed.push(next);
+        ids.push(next);
+    }
+    assert_eq!(cached, recomputed);
+}
+
+#[test]
+fn image_token_count_mismatch_is_a_typed_error() {
+    let reference = Reference::load("internvl3");
+    let model = load("internvl3-hf");
+    let mut inputs = inputs(&reference, &model);
+    let image_token = model.config().image_token_id.unwrap();
+    let first = inputs.input_ids[0].iter().position(|&id| id == image_token).unwrap();
+    inputs.input_ids[0].remove(first);
+    let mut cache = model.new_cache(1, inputs.input_ids[0].len());
+    match model.forward(&inputs, &mut cache) {
+        Err(vlm::Error::InputMismatch { image_tokens, image_features }) => {
+            assert_eq!((image_tokens, image_features), (31, 32));
+        }
+        other => panic!("expected InputMismatch, got {:?}", other.map(|t| t.dims())),
+    }
+    // Image tokens without pixel values are the same error.
+    inputs.pixel_values = None;
+    let mut cache = model.new_cache(1, inputs.input_ids[0].len());
+    assert!(matches!(model.forward(&inputs, &mut cache), Err(vlm::Error::InputMismatch { image_features: 0, .. })));
+}
+
+#[test]
+fn text_only_prompt_runs_without_images() {
+    let model = load("internvl3-hf");
+    let inputs = ModelInputs { input_ids: vec![vec![1, 2, 3, 4]], pixel_values: None };
+    let mut cache = model.new_cache(1, 4);
+    assert_eq!(model.forward(&inputs, &mut cache).unwrap().dims(), [1, 4, 409]);
+}
+
+#[test]
+fn prompt_beyond_the_cache_is_a_context_error() {
+    let model = load("internvl3-hf");
+    let inputs = ModelInputs { input_ids: vec![vec![1, 2, 3, 4]], pixel_values: None };
+    let mut cache = model.new_cache(1, 3);
+    assert!(matches!(model.forward(&inputs, &mut cache), Err(vlm::Error::ContextOverflow { requested: 4, limit: 3 })));
+}
+
+#[test]
+fn float16_checkpoint_loads_as_rounded_weights() {
+    use half::f16;
+    use safetensors::tensor::TensorView;
+    // Re-save the f32 fixture as float16.
+    let dir = tempfile::tempdir().unwrap();
+    let source = model_dir("internvl3-hf");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let halves = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes())
+                .collect();
+            (name, view.shape().to_vec(), halves)
+        })
+        .collect();
+    let views = converted.iter().map(|(name, shape, data)| {
+        (name.clone(), TensorView::new(safetensors::Dtype::F16, shape.clone(), data).unwrap())
+    });
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let model = load_internvl(dir.path(), &vlm::device::cpu()).unwrap().1;
+    let norm = model.language_model.norm.weight.val().into_data().try_to_vec::<f32>().unwrap();
+    let original = file.tensor("language_model.model.norm.weight").unwrap();
+    let expected: Vec<f32> = original
+        .data()
+        .chunks_exact(4)
+        .map(|b| f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_f32())
+        .collect();
+    assert_eq!(norm, expected);
+
+    let reference = Reference::load("internvl3");
+    let inputs = inputs(&reference, &model);
+    let mut cache = model.new_cache(1, inputs.input_ids[0].len());
+    let error = relative_error(model.forward(&inputs, &mut cache).unwrap(), &reference.floats("logits"));
+    assert!(error < 1e-2, "float16 weights: logits relative error {error:e}");
 }

@@ -65,10 +65,9 @@ const OPENGVLAB: &[Rename] = &[
 /// Candidate sources for a canonical parameter name, most likely first.
 pub fn sources(layout: CheckpointLayout, canonical: &str) -> Vec<Source> {
     match layout {
-        CheckpointLayout::Transformers => vec![
-            whole(rename(canonical, TRANSFORMERS)),
-            whole(rename(canonical, TRANSFORMERS_IN_MEMORY)),
-        ],
+        CheckpointLayout::Transformers => {
+            vec![whole(rename(canonical, TRANSFORMERS)), whole(rename(canonical, TRANSFORMERS_IN_MEMORY))]
+        }
         CheckpointLayout::OpenGvLab => {
             for Fused(part_infix, fused_infix, part, parts) in OPENGVLAB_FUSED {
                 if canonical.contains(part_infix) {
@@ -122,7 +121,10 @@ mod tests {
                 "vision_tower.embeddings.patch_embeddings.projection.weight",
                 "vision_model.embeddings.patch_embedding.weight",
             ),
-            ("vision_tower.encoder.layer.0.attention.q_norm.weight", "vision_model.encoder.layers.0.attn.q_norm.weight"),
+            (
+                "vision_tower.encoder.layer.0.attention.q_norm.weight",
+                "vision_model.encoder.layers.0.attn.q_norm.weight",
+            ),
             (
                 "vision_tower.encoder.layer.0.attention.projection_layer.bias",
                 "vision_model.encoder.layers.0.attn.proj.bias",

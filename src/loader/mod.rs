@@ -34,7 +34,12 @@ pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, I
 /// Replaces every parameter of `model` with its checkpoint tensor. Fails on a shape mismatch, on
 /// parameters left unfilled and on checkpoint tensors left unused (a tied `lm_head` stored anyway
 /// is the one tensor allowed to go unused).
-pub fn fill(model: InternVlModel, files: &WeightFiles, layout: CheckpointLayout, device: &Device) -> Result<InternVlModel> {
+pub fn fill(
+    model: InternVlModel,
+    files: &WeightFiles,
+    layout: CheckpointLayout,
+    device: &Device,
+) -> Result<InternVlModel> {
     let progress = ProgressBar::new(files.total_bytes() as u64).with_style(
         ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -92,7 +97,8 @@ struct Filler<'a> {
 impl Filler<'_> {
     fn load<const D: usize>(&mut self, expected: [usize; D]) -> Result<Option<Tensor<D>>> {
         let canonical = self.path.join(".");
-        let Some(source) = layout::sources(self.layout, &canonical).into_iter().find(|s| self.files.get(&s.name).is_some())
+        let Some(source) =
+            layout::sources(self.layout, &canonical).into_iter().find(|s| self.files.get(&s.name).is_some())
         else {
             self.missing.push(canonical);
             return Ok(None);
@@ -101,7 +107,11 @@ impl Filler<'_> {
         let mut stored_expected = expected.to_vec();
         stored_expected[0] *= source.parts;
         if entry.shape != stored_expected {
-            return Err(Error::ShapeMismatch { name: source.name, expected: stored_expected, found: entry.shape.clone() });
+            return Err(Error::ShapeMismatch {
+                name: source.name,
+                expected: stored_expected,
+                found: entry.shape.clone(),
+            });
         }
         let data = self.files.read_rows(&source.name, source.part, source.parts, self.dtype)?;
         if source.part + 1 == source.parts {

@@ -154,7 +154,9 @@ fn decode(bytes: &[u8], source: Dtype, target: FloatDType, shape: Vec<usize>) ->
         (FloatDType::BF16, Dtype::BF16) => {
             TensorData::new(halves(bytes).into_iter().map(bf16::from_bits).collect(), shape)
         }
-        (FloatDType::F16, Dtype::F16) => TensorData::new(halves(bytes).into_iter().map(f16::from_bits).collect(), shape),
+        (FloatDType::F16, Dtype::F16) => {
+            TensorData::new(halves(bytes).into_iter().map(f16::from_bits).collect(), shape)
+        }
         (FloatDType::BF16, _) => TensorData::new(as_f32(bytes).into_iter().map(bf16::from_f32).collect(), shape),
         (FloatDType::F16, _) => TensorData::new(as_f32(bytes).into_iter().map(f16::from_f32).collect(), shape),
         _ => TensorData::new(as_f32(bytes), shape),

@@ -7,7 +7,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::nn::{KvCache, Linear, LinearConfig};
-use crate::projector::{pixel_shuffle, MultiModalProjector, PixelShuffleVersion, ProjectorConfig};
+use crate::projector::{MultiModalProjector, PixelShuffleVersion, ProjectorConfig, pixel_shuffle};
 use crate::text::{TextConfig, TextModel};
 use crate::vision::{InternVit, InternVitConfig};
 

@@ -151,3 +151,46 @@ impl KvCache {
 fn zeros_like_dtype(shape: [usize; 4], dtype: DType, device: &Device) -> Tensor<4> {
     Tensor::zeros(shape, (device, dtype))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_rows(cache: &KvCache, seq_len: usize) -> Vec<bool> {
+        cache.mask(seq_len, &crate::device::cpu()).unwrap().into_data().try_to_vec::<bool>().unwrap()
+    }
+
+    #[test]
+    fn one_new_token_without_padding_needs_no_mask() {
+        let mut cache = KvCache::new(1, 1, 1, 2, 8);
+        cache.advance(3);
+        assert!(cache.mask(1, &crate::device::cpu()).is_none());
+        assert_eq!(cache.positions(1), vec![vec![3]]);
+    }
+
+    #[test]
+    fn prefill_mask_is_causal() {
+        let cache = KvCache::new(1, 1, 1, 2, 8);
+        let t = true;
+        let f = false;
+        assert_eq!(mask_rows(&cache, 3), vec![f, t, t, f, f, t, f, f, f]);
+    }
+
+    #[test]
+    fn left_padding_shifts_positions_and_hides_padding_keys() {
+        let mut cache = KvCache::new(1, 2, 1, 2, 8).with_left_padding(vec![0, 2]).unwrap();
+        assert_eq!(cache.positions(3), vec![vec![0, 1, 2], vec![0, 0, 0]]);
+        let (t, f) = (true, false);
+        // Row 1: keys 0 and 1 are padding; padding queries still see themselves.
+        assert_eq!(mask_rows(&cache, 3)[9..], [f, t, t, t, f, t, t, t, f]);
+        cache.advance(3);
+        assert_eq!(cache.positions(1), vec![vec![3], vec![1]]);
+        assert_eq!(mask_rows(&cache, 1), vec![f, f, f, f, t, t, f, f]);
+    }
+
+    #[test]
+    fn overflow_is_reported() {
+        let cache = KvCache::new(1, 1, 1, 2, 4);
+        assert!(matches!(cache.check_room(5), Err(Error::ContextOverflow { requested: 5, limit: 4 })));
+    }
+}

@@ -45,10 +45,6 @@ impl Linear {
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(
-            input,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|bias| bias.val()),
-        )
+        burn::tensor::module::linear(input, self.weight.val().transpose(), self.bias.as_ref().map(|bias| bias.val()))
     }
 }

@@ -15,9 +15,7 @@ pub struct RotaryEmbedding {
 impl RotaryEmbedding {
     /// `head_dim` must be even.
     pub fn new(head_dim: usize, theta: f64) -> Self {
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = (0..head_dim / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
         Self { head_dim, inv_freq }
     }
 

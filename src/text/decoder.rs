@@ -8,8 +8,8 @@ use burn::tensor::{Device, Int, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::rope::RopeTables;
 use crate::nn::{
-    scaled_dot_product_attention, Activation, AttentionMask, GatedMlp, GatedMlpConfig, KvCache, Linear,
-    LinearConfig, RmsNorm, RmsNormConfig, RotaryEmbedding,
+    Activation, AttentionMask, GatedMlp, GatedMlpConfig, KvCache, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+    RotaryEmbedding, scaled_dot_product_attention,
 };
 
 /// Shape and options of a decoder.
@@ -72,9 +72,7 @@ impl TextConfig {
     /// Creates the decoder (parameters filled by the loader).
     pub fn init(&self, device: &Device) -> TextModel {
         TextModel {
-            embed_tokens: Embedding {
-                weight: Initializer::Zeros.init([self.vocab_size, self.hidden_size], device),
-            },
+            embed_tokens: Embedding { weight: Initializer::Zeros.init([self.vocab_size, self.hidden_size], device) },
             layers: (0..self.num_hidden_layers).map(|_| self.init_layer(device)).collect(),
             norm: RmsNormConfig { d_model: self.hidden_size, eps: self.rms_norm_eps }.init(device),
             rope: RotaryEmbedding::new(self.head_dim, self.rope_theta),
@@ -251,7 +249,14 @@ impl SelfAttention {
     /// # Shapes
     /// - x: `[batch, seq_len, hidden]`
     /// - output: `[batch, seq_len, hidden]`
-    fn forward(&self, x: Tensor<3>, rope: &RopeTables, mask: AttentionMask, cache: &mut KvCache, layer: usize) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        mask: AttentionMask,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
         let [batch, seq_len, _] = x.dims();
         let head_dim = self.head_dim;
         // [batch, seq_len, heads * head_dim] -> [batch, heads, seq_len, head_dim]

@@ -10,8 +10,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::{
-    scaled_dot_product_attention, Activation, Linear, LinearConfig, Norm, NormConfig, NormKind, RmsNorm,
-    RmsNormConfig,
+    Activation, Linear, LinearConfig, Norm, NormConfig, NormKind, RmsNorm, RmsNormConfig, scaled_dot_product_attention,
 };
 
 /// Shape and options of an InternViT.

@@ -20,7 +20,9 @@ pub struct Reference {
 impl Reference {
     /// `tests/fixtures/reference/<weights>.safetensors`.
     pub fn load(weights: &str) -> Self {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference").join(format!("{weights}.safetensors"));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/reference")
+            .join(format!("{weights}.safetensors"));
         Self { bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
     }
 
@@ -41,8 +43,7 @@ impl Reference {
     pub fn ids(&self, name: &str) -> Vec<Vec<u32>> {
         let (dtype, shape, data) = self.view(name);
         assert_eq!(dtype, Dtype::I64, "{name}");
-        let values: Vec<u32> =
-            data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+        let values: Vec<u32> = data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
         let width = *shape.last().unwrap();
         values.chunks(width).map(<[u32]>::to_vec).collect()
     }
@@ -58,7 +59,7 @@ impl Reference {
 pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: &(Vec<usize>, Vec<f32>)) -> f32 {
     let actual_shape = actual.dims().to_vec();
     assert_eq!(actual_shape, expected.0, "shape");
-    let actual = actual.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let actual = actual.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     let scale = expected.1.iter().fold(0f32, |m, v| m.max(v.abs()));
     let diff = actual.iter().zip(&expected.1).fold(0f32, |m, (a, e)| m.max((a - e).abs()));
     diff / scale
@@ -67,5 +68,5 @@ pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: &(Vec<usize>,
 /// Index of the largest value in each row of `[rows, n]`.
 pub fn argmax_rows(logits: Tensor<2>) -> Vec<u32> {
     let ids: Tensor<2, Int> = logits.argmax(1);
-    ids.into_data().convert::<i64>().to_vec::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+    ids.into_data().convert::<i64>().try_to_vec::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
 }
