@@ -35,11 +35,17 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from PIL import Image
+from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 from transformers import (
     GenerationConfig,
+    GotOcr2ImageProcessor,
+    InternVLProcessor,
+    InternVLVideoProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -70,22 +76,40 @@ Le chat est sur le canapé. Der Hund läuft im Park. 猫がソファの上に座
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<img>", "</img>", "<IMG_CONTEXT>",
+    "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
 ]
 
+# transformers-layout checkpoints (InternVL3-*-hf): structured content, the image-context token
+# as the image placeholder, which the processor expands.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# OpenGVLab-layout checkpoints keep a string-content ChatML template in tokenizer_config.json, with a
+# default system message; images are `<image>` markers in the text that the model code expands.
+ORIGINAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+MAX_TILES = 6
 
 
 def build_tokenizer():
@@ -104,6 +128,7 @@ def build_tokenizer():
             "start_image_token": "<img>",
             "end_image_token": "</img>",
             "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
         },
     )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
@@ -271,7 +296,7 @@ def original_config(model, architecture, llm_architecture, llm_model_type, ps_ve
         "vision_config": vision, "llm_config": llm,
         "downsample_ratio": 0.5, "ps_version": ps_version, "select_layer": select_layer,
         "force_image_size": TILE, "dynamic_image_size": True, "use_thumbnail": True,
-        "min_dynamic_patch": 1, "max_dynamic_patch": 6, "template": "internvl2_5",
+        "min_dynamic_patch": 1, "max_dynamic_patch": MAX_TILES, "template": "internvl2_5",
         "use_backbone_lora": 0, "use_llm_lora": 0, "torch_dtype": "float32",
     }
 
@@ -341,9 +366,28 @@ def write_common_files(model_dir, tok):
     gen.save_pretrained(model_dir)
 
 
+def image_processor(size, max_patches):
+    return GotOcr2ImageProcessor(
+        size={"height": size, "width": size}, crop_to_patches=True, min_patches=1, max_patches=max_patches,
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, resample=3, do_convert_rgb=True,
+    )
+
+
+def hf_processor(tok, size=TILE, max_patches=MAX_TILES):
+    return InternVLProcessor(
+        image_processor=image_processor(size, max_patches), tokenizer=tok,
+        video_processor=InternVLVideoProcessor(), image_seq_length=(size // PATCH // 2) ** 2,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def save_hf(model, model_dir, tok, **kwargs):
     model.save_pretrained(model_dir, **kwargs)
     write_common_files(model_dir, tok)
+    processor = hf_processor(tok)
+    processor.save_pretrained(model_dir)
+    # Hub checkpoints also ship the flat preprocessor_config.json.
+    processor.image_processor.save_pretrained(model_dir)
 
 
 def save_original(model, model_dir, tok, config):
@@ -354,6 +398,16 @@ def save_original(model, model_dir, tok, config):
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_common_files(model_dir, tok)
+    # OpenGVLab repositories keep the chat template inside tokenizer_config.json.
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = ORIGINAL_CHAT_TEMPLATE
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    (model_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": TILE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD, "resample": 3, "size": TILE,
+    }, indent=2) + "\n")
 
 
 def rounded_to_bf16(model):
@@ -364,6 +418,221 @@ def rounded_to_bf16(model):
         for p in rounded.parameters():
             p.copy_(p.to(torch.bfloat16).to(torch.float32))
     return rounded
+
+
+# ------------------------------------------------------------------------------------------------
+# Processor references: images, tiling, chat template and placeholder expansion
+# ------------------------------------------------------------------------------------------------
+
+def test_image(width, height, seed):
+    """Gradients, stripes and a noisy patch: smooth enough to compress, sharp enough to test resizing."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.linspace(0, 1, height).view(height, 1).expand(height, width)
+    x = torch.linspace(0, 1, width).view(1, width).expand(height, width)
+    stripes = ((torch.arange(width).view(1, width) // 3 + torch.arange(height).view(height, 1) // 5) % 2).float()
+    r = 255 * x
+    g = 255 * y
+    b = 200 * stripes + 40 * (x * y)
+    rgb = torch.stack([r, g, b], dim=-1)
+    ph, pw = max(1, height // 4), max(1, width // 4)
+    rgb[:ph, :pw] = torch.randint(0, 256, (ph, pw, 3), generator=gen).float()
+    return Image.fromarray(rgb.clamp(0, 255).round().to(torch.uint8).numpy(), "RGB")
+
+
+def write_images(images_dir):
+    """The test images, one file per format and colour mode."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {"square": (96, 96), "wide": (300, 100), "tall": (90, 250), "tiny": (1, 1), "large": (500, 375)}
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        test_image(w, h, SEED + 10 + i).save(images_dir / f"{name}.png")
+    base = test_image(80, 80, SEED + 20)
+    base.convert("L").save(images_dir / "gray.png")
+    base.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(images_dir / "palette.png")
+    rgba = base.convert("RGBA")
+    alpha = Image.linear_gradient("L").resize(base.size).point(lambda v: 0 if v < 40 else v)
+    rgba.putalpha(alpha)
+    rgba.save(images_dir / "alpha.png")
+    base.save(images_dir / "photo.jpg", quality=95, subsampling=0)
+    base.save(images_dir / "photo.webp", lossless=True)
+    base.save(images_dir / "photo.bmp")
+    frames = [base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), test_image(80, 80, SEED + 21).convert("P")]
+    frames[0].save(images_dir / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    base.save(images_dir / "photo.png")
+    # What PIL decodes each file to, for the decoder tests (GIF: first frame).
+    decoded = {name.replace(".", "_"): torch.from_numpy(numpy.array(Image.open(images_dir / name).convert("RGB")))
+               for name in ("photo.png", "photo.jpg", "photo.webp", "photo.bmp", "animated.gif", "gray.png",
+                            "palette.png")}
+    save_file(decoded, str(images_dir / "decoded-by-pil.safetensors"))
+
+
+def original_rgb(image):
+    """OpenGVLab's `image.convert('RGB')`: alpha is dropped, not composited."""
+    return image.convert("RGB")
+
+
+def dynamic_preprocess(image, tile, max_num, use_thumbnail, min_num=1):
+    """InternVL's dynamic tiling (OpenGVLab `dynamic_preprocess`), resizing with PIL's bicubic filter."""
+    w, h = image.size
+    aspect = w / h
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    best, best_diff, area = (1, 1), float("inf"), w * h
+    for r in ratios:
+        diff = abs(aspect - r[0] / r[1])
+        if diff < best_diff:
+            best_diff, best = diff, r
+        elif diff == best_diff and area > 0.5 * tile * tile * r[0] * r[1]:
+            best = r
+    cols, rows = best
+    resized = image.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
+    tiles = [resized.crop(((i % cols) * tile, (i // cols) * tile, (i % cols + 1) * tile, (i // cols + 1) * tile))
+             for i in range(cols * rows)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
+    return (cols, rows), tiles
+
+
+def image_text(variant, tiles):
+    """What one image becomes in an OpenGVLab-layout prompt."""
+    if variant == "nvlm":
+        tags = [f"<tile_{i}>" for i in range(1, tiles)] + ["<tile_global_thumbnail>"]
+        return "<Image>" + "".join(tag + "<|vision_pad|>" * TOKENS_PER_TILE for tag in tags) + "</Image>"
+    return "<img>" + "<IMG_CONTEXT>" * (TOKENS_PER_TILE * tiles) + "</img>"
+
+
+def original_reference(tok, messages, images_dir, variant):
+    """OpenGVLab's `model.chat` prompt: images as `<image>\n` markers (numbered `Image-k: ` when a
+    conversation has several), rendered with the checkpoint's template, then each marker expanded."""
+    count = sum(part["type"] == "image" for m in messages for part in m["content"])
+    rendered, grids, tiles_u8, per_image, k = [], [], [], [], 0
+    for message in messages:
+        text = ""
+        for part in message["content"]:
+            if part["type"] == "text":
+                text += part["text"]
+                continue
+            k += 1
+            text += (f"Image-{k}: " if count > 1 else "") + "<image>\n"
+            image = original_rgb(Image.open(images_dir / part["path"]))
+            grid, tiles = dynamic_preprocess(image, TILE, part.get("max_tiles", MAX_TILES), True)
+            grids.append(grid)
+            per_image.append(len(tiles))
+            tiles_u8 += [torch.from_numpy(numpy.array(t)).permute(2, 0, 1) for t in tiles]
+        rendered.append({"role": message["role"], "content": text})
+    tok.chat_template = ORIGINAL_CHAT_TEMPLATE
+    prompt = tok.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    for n in per_image:
+        prompt = prompt.replace("<image>", image_text(variant, n), 1)
+    input_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    return input_ids, torch.stack(tiles_u8), grids, per_image, prompt
+
+
+def hf_reference(tok, messages, images_dir):
+    """transformers' own InternVLProcessor, through the checkpoint's chat template."""
+    processor = hf_processor(tok)
+    tok.chat_template = CHAT_TEMPLATE
+    hf_messages, grids, per_image = [], [], []
+    for message in messages:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "text":
+                content.append({"type": "text", "text": part["text"]})
+            else:
+                # A PIL image, as harnesses pass them (a path would be decoded by torchvision instead).
+                content.append({"type": "image", "image": Image.open(images_dir / part["path"])})
+                w, h = Image.open(images_dir / part["path"]).size
+                grids.append(get_optimal_tiled_canvas((h, w), (TILE, TILE), 1, MAX_TILES))
+        hf_messages.append({"role": message["role"], "content": content})
+    out = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    prompt = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    pixel_values = torch.as_tensor(out["pixel_values"])
+    for grid in grids:
+        per_image.append(grid[0] * grid[1] + (1 if grid[0] * grid[1] > 1 else 0))
+    return out["input_ids"][0].tolist(), to_u8(pixel_values), grids, per_image, prompt
+
+
+def to_u8(pixel_values):
+    """Undo rescale + normalise; the values must come back as whole 0-255 levels."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    levels = (pixel_values * std + mean) * 255
+    assert (levels - levels.round()).abs().max() < 1e-2, "pixel values are not whole levels"
+    return levels.round().clamp(0, 255).to(torch.uint8)
+
+
+PROCESSOR_CASES = [
+    # (name, style, messages); style: "transformers" (InternVLProcessor), "internvl" or "nvlm" (OpenGVLab code)
+    ("hf-square", "transformers", [("user", [("image", "square.png"), ("text", "What is in this image?")])]),
+    ("hf-wide", "transformers", [("user", [("image", "wide.png"), ("text", "Describe it.")])]),
+    ("hf-tall", "transformers", [("user", [("image", "tall.png"), ("text", "Describe it.")])]),
+    ("hf-tiny", "transformers", [("user", [("image", "tiny.png"), ("text", "Color?")])]),
+    ("hf-large", "transformers", [("user", [("image", "large.png"), ("text", "How many tiles?")])]),
+    ("hf-gray", "transformers", [("user", [("image", "gray.png"), ("text", "Gray.")])]),
+    ("hf-palette", "transformers", [("user", [("image", "palette.png"), ("text", "Palette.")])]),
+    ("hf-alpha", "transformers", [("user", [("image", "alpha.png"), ("text", "Alpha.")])]),
+    ("hf-two-images", "transformers", [
+        ("system", [("text", "You are a careful assistant.")]),
+        ("user", [("image", "wide.png"), ("text", "Compare with "), ("image", "tall.png"), ("text", "please.")]),
+    ]),
+    ("hf-multi-turn", "transformers", [
+        ("user", [("image", "square.png"), ("text", "What is it?")]),
+        ("assistant", [("text", "A picture.")]),
+        ("user", [("text", "Which colours?")]),
+    ]),
+    ("internvl-large", "internvl", [("user", [("image", "large.png"), ("text", "Describe the image.")])]),
+    ("internvl-alpha", "internvl", [("user", [("image", "alpha.png"), ("text", "Alpha.")])]),
+    ("internvl-two-images", "internvl", [("user", [("image", "wide.png"), ("image", "tiny.png"),
+                                                   ("text", "What differs?")])]),
+    ("nvlm-wide", "nvlm", [("user", [("image", "wide.png"), ("text", "Describe the image.")])]),
+    ("nvlm-tiny", "nvlm", [("user", [("image", "tiny.png"), ("text", "One tile.")])]),
+    ("nvlm-two-images", "nvlm", [
+        ("system", [("text", "Answer briefly.")]),
+        ("user", [("image", "wide.png"), ("image", "tiny.png"), ("text", "Same scene?")]),
+    ]),
+]
+
+# Tile grids at the real geometry (448-pixel tiles, up to 12 tiles), from transformers' own function.
+GRID_SIZES = [(448, 448), (1, 1), (1000, 750), (1920, 1080), (1080, 1920), (5000, 100), (100, 5000),
+              (1280, 1024), (500, 400), (896, 448), (800, 600), (4000, 3000), (640, 480), (2000, 500),
+              (300, 900), (1234, 567), (448, 1344), (10, 2000)]
+
+
+def write_processor_fixtures(out_dir, tok):
+    images_dir = out_dir / "images"
+    write_images(images_dir)
+    proc_dir = out_dir / "processor"
+    shutil.rmtree(proc_dir, ignore_errors=True)
+    proc_dir.mkdir(parents=True)
+    index = []
+    for name, style, spec in PROCESSOR_CASES:
+        messages = [{"role": role, "content": [{"type": kind, ("text" if kind == "text" else "path"): value}
+                                               for kind, value in parts]} for role, parts in spec]
+        if style == "transformers":
+            ids, pixels, grids, per_image, prompt = hf_reference(copy.deepcopy(tok), messages, images_dir)
+        else:
+            ids, pixels, grids, per_image, prompt = original_reference(copy.deepcopy(tok), messages, images_dir, style)
+        save_file({
+            "input_ids": torch.tensor(ids, dtype=torch.int64),
+            "pixels_u8": pixels.contiguous(),
+            "grids": torch.tensor(grids, dtype=torch.int64).reshape(-1, 2),
+            "tiles_per_image": torch.tensor(per_image, dtype=torch.int64),
+        }, str(proc_dir / f"{name}.safetensors"))
+        index.append({"name": name, "style": style, "messages": messages, "prompt": prompt})
+        print(f"  processor {name}: {len(ids)} tokens, grids {grids}, {pixels.shape[0]} tiles")
+    (proc_dir / "cases.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+
+    grids = [{"width": w, "height": h, "grid": list(get_optimal_tiled_canvas((h, w), (448, 448), 1, 12))}
+             for w, h in GRID_SIZES]
+    (proc_dir / "grids-448.json").write_text(json.dumps(grids, indent=1) + "\n")
+
+    # Real geometry, subsampled: every 7th pixel of every 448-pixel tile.
+    ip = image_processor(448, 12)
+    out = ip(images=[Image.open(images_dir / "large.png")], return_tensors="pt")
+    pixels = to_u8(out["pixel_values"])[:, :, 3::7, 3::7].contiguous()
+    save_file({"pixels_u8_every_7th": pixels}, str(proc_dir / "large-448.safetensors"))
+    print(f"  processor large-448: {pixels.shape[0]} tiles")
+
 
 
 def seeded_model(build, first_seed, tiles, image_token, tok, select_layer):
@@ -444,6 +713,8 @@ def main():
     # NVLM-D-72B's llm_config names a Qwen2 architecture with a llama model_type.
     save_original(model, models_dir / "nvlm-d", tok,
                   original_config(model, "NVLM_D", "Qwen2ForCausalLM", "llama", "v2", -1))
+
+    write_processor_fixtures(out_dir, tok)
 
     total = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     print(f"wrote {out_dir} ({total / 1e6:.1f} MB)")

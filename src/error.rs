@@ -100,6 +100,60 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
+    /// An image could not be decoded (unknown format, truncated or corrupt data).
+    #[error("cannot decode image{}: {reason}", source_name.as_ref().map(|s| format!(" {s}")).unwrap_or_default())]
+    Image {
+        /// The file, when the image came from one.
+        source_name: Option<String>,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// An image has no pixels.
+    #[error("image{} has zero size ({width}x{height})", source_name.as_ref().map(|s| format!(" {s}")).unwrap_or_default())]
+    EmptyImage {
+        /// The file, when the image came from one.
+        source_name: Option<String>,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+
+    /// An image is larger than the configured pixel budget (a decompression-bomb guard).
+    #[error(
+        "image{} is {width}x{height} = {pixels} pixels, over the limit of {limit} (see ImageLimits)",
+        source_name.as_ref().map(|s| format!(" {s}")).unwrap_or_default(),
+        pixels = u64::from(*width) * u64::from(*height)
+    )]
+    ImageTooLarge {
+        /// The file, when the image came from one.
+        source_name: Option<String>,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// The pixel budget.
+        limit: u64,
+    },
+
+    /// The prompt has a different number of image placeholders than images were given.
+    #[error("{images} images given but the prompt has {placeholders} image placeholders")]
+    ImageCount {
+        /// Images attached to the messages.
+        images: usize,
+        /// Placeholders found in the rendered prompt.
+        placeholders: usize,
+    },
+
+    /// The tokenizer could not be loaded or failed to encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The chat template could not be parsed or rendered.
+    #[error("chat template: {0}")]
+    Template(String),
+
     /// The sequence would not fit in the model's context or the KV cache.
     #[error("sequence of {requested} tokens exceeds the limit of {limit} tokens")]
     ContextOverflow {

@@ -19,9 +19,11 @@ pub mod error;
 pub mod loader;
 pub mod models;
 pub mod nn;
+pub mod processing;
 pub mod projector;
 pub mod text;
 pub mod vision;
 
 pub use burn::tensor::Device;
 pub use error::{Error, Result};
+pub use processing::{Image, Message, Processor};
