@@ -154,6 +154,19 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    /// A model could not be fetched from the Hugging Face Hub or found in its local cache.
+    #[error("model {repo}: {message}")]
+    Hub {
+        /// The repository id.
+        repo: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+
+    /// A device could not be used (unknown name, backend not compiled in, driver missing).
+    #[error("device: {0}")]
+    Device(String),
+
     /// The sequence would not fit in the model's context or the KV cache.
     #[error("sequence of {requested} tokens exceeds the limit of {limit} tokens")]
     ContextOverflow {

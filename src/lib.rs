@@ -8,7 +8,9 @@
 //! (ndarray) by default and on its CUDA backend with the `cuda` feature.
 //!
 //! The crate has three layers, each usable alone:
-//! - [`loader::load_internvl`] builds a model from a checkpoint directory;
+//! - [`Vlm`]: `from_pretrained`, then `generate`, `stream` or `generate_batch`;
+//! - [`Processor`] turns [`Message`]s into token ids and pixel values, and
+//!   [`loader::load_internvl`] builds a model from a checkpoint directory;
 //! - [`models::InternVlModel::forward`] takes token ids and pixel values with a [`nn::KvCache`];
 //! - the blocks ([`vision::InternVit`], [`projector::MultiModalProjector`], [`text::TextModel`])
 //!   each follow `Config -> init -> forward`.
@@ -16,9 +18,11 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod generation;
 pub mod loader;
 pub mod models;
 pub mod nn;
+pub mod pipeline;
 pub mod processing;
 pub mod projector;
 pub mod text;
@@ -26,4 +30,6 @@ pub mod vision;
 
 pub use burn::tensor::Device;
 pub use error::{Error, Result};
+pub use generation::{Generation, GenerationConfig, StopReason};
+pub use pipeline::{TextStream, Vlm};
 pub use processing::{Image, Message, Processor};

@@ -1,6 +1,7 @@
 //! Loading checkpoints: `config.json`, safetensors weights in either layout, and the few
 //! tokenizer facts the model itself needs. The only code that knows checkpoint tensor names.
 
+pub mod hub;
 pub mod layout;
 pub mod safetensors;
 
@@ -11,6 +12,7 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, FloatDType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use self::hub::{HubOptions, resolve};
 pub use self::safetensors::WeightFiles;
 use crate::config::{CheckpointConfig, CheckpointLayout};
 use crate::error::{Error, Result};

@@ -234,7 +234,6 @@ impl Processor {
 #[derive(Deserialize, Default)]
 struct ImageProcessorJson {
     size: Option<SizeJson>,
-    crop_to_patches: Option<bool>,
     min_patches: Option<usize>,
     max_patches: Option<usize>,
     image_mean: Option<[f32; 3]>,
@@ -301,7 +300,9 @@ fn processor_config(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Token
             };
             let tiling = TilingConfig {
                 tile_size,
-                dynamic: json.crop_to_patches.unwrap_or(true),
+                // InternVLProcessor passes `crop_to_patches=True` over the image processor's own
+                // setting (its default images_kwargs), so checkpoints saying `false` still tile.
+                dynamic: true,
                 min_tiles: json.min_patches.unwrap_or(1),
                 max_tiles: json.max_patches.unwrap_or(12),
                 use_thumbnail: true,

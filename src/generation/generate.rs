@@ -1,0 +1,309 @@
+//! The decode loop: prefill the prompts into a preallocated KV cache, then one token per step for
+//! every sequence of the batch, until each stops.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::Tensor;
+
+use super::config::{DEFAULT_MAX_NEW_TOKENS, GenerationConfig, GenerationDefaults};
+use super::detokenizer::{IncrementalDecoder, StopCheck, StopStrings};
+use super::sampler::Sampler;
+use crate::error::{Error, Result};
+use crate::models::{InternVlModel, ModelInputs};
+use crate::nn::KvCache;
+use crate::processing::{Encoding, Tokenizer};
+
+/// Why generation stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// The text contained this stop string.
+    StopString(String),
+    /// `max_new_tokens` were generated.
+    MaxNewTokens,
+    /// The model's context is full.
+    ContextFull,
+}
+
+impl StopReason {
+    /// OpenAI's `finish_reason`: `"stop"` or `"length"`.
+    pub fn finish_reason(&self) -> &'static str {
+        match self {
+            StopReason::Eos | StopReason::StopString(_) => "stop",
+            StopReason::MaxNewTokens | StopReason::ContextFull => "length",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Eos => f.write_str("eos"),
+            StopReason::StopString(_) => f.write_str("stop_string"),
+            StopReason::MaxNewTokens => f.write_str("max_new_tokens"),
+            StopReason::ContextFull => f.write_str("context_full"),
+        }
+    }
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// From the start of the call (processing included) to the first generated token.
+    pub time_to_first_token: Duration,
+    /// The prompt's forward pass (vision, projector, decoder) and the first token.
+    pub prefill: Duration,
+    /// Every later token.
+    pub decode: Duration,
+    /// Prompt tokens of the whole batch.
+    pub prefill_tokens: usize,
+    /// Tokens generated after the first one, whole batch.
+    pub decode_tokens: usize,
+}
+
+impl Timings {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        per_second(self.prefill_tokens, self.prefill)
+    }
+
+    /// Generated tokens per second after the first one (whole batch).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        per_second(self.decode_tokens, self.decode)
+    }
+}
+
+fn per_second(tokens: usize, time: Duration) -> f64 {
+    if time.is_zero() { 0.0 } else { tokens as f64 / time.as_secs_f64() }
+}
+
+/// The result of generating for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The generated text (special tokens and a stop string left out).
+    pub text: String,
+    /// The generated token ids (an end-of-sequence token included).
+    pub token_ids: Vec<u32>,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Why generation stopped.
+    pub stop_reason: StopReason,
+    /// Timings of the call (shared by every sequence of a batch).
+    pub timings: Timings,
+}
+
+/// One sequence's state.
+struct Row {
+    /// Prompt and generated tokens (for the repetition penalty).
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopStrings,
+    stopped: Option<StopReason>,
+}
+
+/// Generates for a batch of processed prompts, one step at a time.
+pub struct Generator<'a> {
+    model: &'a InternVlModel,
+    tokenizer: &'a Tokenizer,
+    cache: KvCache,
+    rows: Vec<Row>,
+    /// The last position's logits of every row, on the host.
+    logits: Vec<Vec<f32>>,
+    eos: Vec<u32>,
+    pad: u32,
+    max_new_tokens: usize,
+    started: Instant,
+    timings: Timings,
+    first_token_at: Option<Instant>,
+}
+
+impl<'a> Generator<'a> {
+    /// Runs the prefill of `prompts` (left-padded to one length) and gets ready to sample.
+    /// `started` is when the caller's request began (for time to first token).
+    pub fn new(
+        model: &'a InternVlModel,
+        tokenizer: &'a Tokenizer,
+        prompts: &[Encoding],
+        config: &GenerationConfig,
+        defaults: &GenerationDefaults,
+        started: Instant,
+    ) -> Result<Self> {
+        config.validate()?;
+        if prompts.is_empty() {
+            return Err(Error::Input("nothing to generate for: no prompts".into()));
+        }
+        let eos = config.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_id.clone());
+        let image_token = model.config().image_token_id;
+        let pad = defaults
+            .pad_token_id
+            .into_iter()
+            .chain(eos.iter().copied())
+            .chain([0])
+            .find(|&id| Some(id) != image_token)
+            .unwrap_or(0);
+        let max_new_tokens = config.max_new_tokens.or(defaults.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let longest = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+        let context = model.config().text.max_position_embeddings;
+        if longest == 0 {
+            return Err(Error::Input("empty prompt".into()));
+        }
+        if longest >= context {
+            return Err(Error::ContextOverflow { requested: longest + 1, limit: context });
+        }
+        let capacity = (longest + max_new_tokens).min(context);
+        let padding: Vec<usize> = prompts.iter().map(|p| longest - p.input_ids.len()).collect();
+        let input_ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&padding)
+            .map(|(p, &pad_len)| std::iter::repeat_n(pad, pad_len).chain(p.input_ids.iter().copied()).collect())
+            .collect();
+        let device = model.language_model.device();
+        let tiles: Vec<Tensor<4>> = prompts.iter().filter_map(|p| p.pixel_values(&device)).collect();
+        let pixel_values = (!tiles.is_empty()).then(|| Tensor::cat(tiles, 0));
+        let mut cache = model.new_cache(prompts.len(), capacity).with_left_padding(padding)?;
+
+        let prefill_start = Instant::now();
+        let inputs = ModelInputs { input_ids, pixel_values };
+        let hidden = model.forward_embeds(model.embed_inputs(&inputs)?, &mut cache)?;
+        let logits = last_position_logits(model, hidden)?;
+
+        let rows = prompts
+            .iter()
+            .map(|p| Row {
+                tokens: p.input_ids.clone(),
+                prompt_tokens: p.input_ids.len(),
+                sampler: Sampler::new(config, defaults),
+                decoder: IncrementalDecoder::new(),
+                stops: StopStrings::new(config.stop.clone()),
+                stopped: (max_new_tokens == 0).then_some(StopReason::MaxNewTokens),
+            })
+            .collect();
+        let timings = Timings {
+            prefill: prefill_start.elapsed(),
+            prefill_tokens: prompts.iter().map(|p| p.input_ids.len()).sum(),
+            ..Timings::default()
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            cache,
+            rows,
+            logits,
+            eos,
+            pad,
+            max_new_tokens,
+            started,
+            timings,
+            first_token_at: None,
+        })
+    }
+
+    /// Whether every sequence has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.rows.iter().all(|row| row.stopped.is_some())
+    }
+
+    /// Samples one token for every running sequence and runs the decoder on them. Returns the text
+    /// each sequence produced in this step (often empty: an incomplete character, a possible stop).
+    pub fn step(&mut self) -> Result<Vec<String>> {
+        let mut deltas = vec![String::new(); self.rows.len()];
+        if self.is_finished() {
+            return Ok(deltas);
+        }
+        for (index, row) in self.rows.iter_mut().enumerate() {
+            if row.stopped.is_some() {
+                continue;
+            }
+            let token = row.sampler.next_token(&mut self.logits[index], &row.tokens);
+            row.tokens.push(token);
+            let generated = row.tokens.len() - row.prompt_tokens;
+            let mut delta = String::new();
+            if self.eos.contains(&token) {
+                row.stopped = Some(StopReason::Eos);
+            } else if let Some(text) = row.decoder.push(self.tokenizer, token)? {
+                append(row, &text, &mut delta);
+            }
+            if row.stopped.is_none() && generated >= self.max_new_tokens {
+                row.stopped = Some(StopReason::MaxNewTokens);
+            }
+            if row.stopped.is_none() && self.cache.len() >= self.cache.capacity() {
+                row.stopped = Some(StopReason::ContextFull);
+            }
+            if matches!(row.stopped, Some(ref reason) if !matches!(reason, StopReason::StopString(_))) {
+                // Release what was held back: an incomplete character or a possible stop string.
+                if let Some(text) = row.decoder.flush(self.tokenizer)? {
+                    append(row, &text, &mut delta);
+                }
+                delta.push_str(&row.stops.finish());
+            }
+            deltas[index] = delta;
+        }
+        let now = Instant::now();
+        let first = *self.first_token_at.get_or_insert_with(|| {
+            self.timings.time_to_first_token = now - self.started;
+            now
+        });
+        if self.is_finished() {
+            self.timings.decode = now - first;
+            return Ok(deltas);
+        }
+        let next: Vec<Vec<u32>> = self
+            .rows
+            .iter()
+            .map(|row| vec![if row.stopped.is_some() { self.pad } else { *row.tokens.last().unwrap_or(&self.pad) }])
+            .collect();
+        let running = self.rows.iter().filter(|row| row.stopped.is_none()).count();
+        let inputs = ModelInputs { input_ids: next, pixel_values: None };
+        let hidden = self.model.forward_embeds(self.model.embed_inputs(&inputs)?, &mut self.cache)?;
+        self.logits = last_position_logits(self.model, hidden)?;
+        self.timings.decode_tokens += running;
+        self.timings.decode = Instant::now() - first;
+        Ok(deltas)
+    }
+
+    /// Runs to the end and returns every sequence's result, in prompt order.
+    pub fn finish(mut self) -> Result<Vec<Generation>> {
+        while !self.is_finished() {
+            self.step()?;
+        }
+        let timings = self.timings;
+        Ok(self
+            .rows
+            .into_iter()
+            .map(|row| Generation {
+                text: row.stops.released().to_string(),
+                token_ids: row.tokens[row.prompt_tokens..].to_vec(),
+                prompt_tokens: row.prompt_tokens,
+                stop_reason: row.stopped.unwrap_or(StopReason::MaxNewTokens),
+                timings,
+            })
+            .collect())
+    }
+}
+
+/// Passes decoded text through the stop-string watcher, collecting what may be shown.
+fn append(row: &mut Row, text: &str, delta: &mut String) {
+    match row.stops.push(text) {
+        StopCheck::Continue(safe) => delta.push_str(&safe),
+        StopCheck::Stop(last, stop) => {
+            delta.push_str(&last);
+            row.stopped = Some(StopReason::StopString(stop));
+        }
+    }
+}
+
+/// Logits of the last position of each row, copied to the host as f32.
+fn last_position_logits(model: &InternVlModel, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>> {
+    let [batch, seq_len, _] = hidden.dims();
+    let logits = model.logits(hidden.narrow(1, seq_len - 1, 1)); // [batch, 1, vocab]
+    let [_, _, vocab] = logits.dims();
+    let values = logits
+        .cast(burn::tensor::DType::F32)
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| Error::Input(format!("reading logits: {e:?}")))?;
+    Ok(values.chunks(vocab).take(batch).map(<[f32]>::to_vec).collect())
+}

@@ -1,0 +1,91 @@
+//! The command-line examples, built and invoked as a user would.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::model_dir;
+
+/// Builds an example with the same cargo and profile as this test, and returns its path.
+fn example(name: &str) -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building example {name}");
+    // this test: target/<profile>/deps/examples-<hash>; examples: target/<profile>/examples/<name>
+    let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    profile_dir.join("examples").join(name)
+}
+
+fn fixture_image(name: &str) -> String {
+    format!("{}/tests/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn describe_json_prints_one_object_with_the_library_answer() {
+    let model = model_dir("internvl3-hf");
+    let output = Command::new(example("describe"))
+        .args(["--model", model.to_str().unwrap(), "--image", &fixture_image("wide.png")])
+        .args(["--image", &fixture_image("tiny.png"), "--prompt", "Compare the two images."])
+        .args(["--max-new-tokens", "6", "--temperature", "0", "--max-tiles", "4", "--device", "cpu", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["text", "token_ids", "prompt_tokens", "stop_reason", "timings"]);
+    for key in ["ttft_ms", "prefill_ms", "decode_ms", "prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(json["timings"][key].is_number(), "{key}");
+    }
+
+    // The same request through the library gives the same tokens.
+    let vlm = vlm::Vlm::from_dir(&model, &vlm::device::cpu()).unwrap();
+    let messages = [vlm::Message::user()
+        .image(vlm::Image::open(fixture_image("wide.png")).unwrap())
+        .image(vlm::Image::open(fixture_image("tiny.png")).unwrap())
+        .text("Compare the two images.")];
+    let config = vlm::GenerationConfig::default().max_new_tokens(6).temperature(0.0).max_tiles(4);
+    let expected = vlm.generate(&messages, &config).unwrap();
+    let ids: Vec<u32> = json["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, expected.token_ids);
+    assert_eq!(json["text"], expected.text);
+    assert_eq!(json["prompt_tokens"], expected.prompt_tokens);
+    assert_eq!(json["stop_reason"], expected.stop_reason.to_string());
+}
+
+#[test]
+fn describe_reports_a_missing_image_without_panicking() {
+    let output = Command::new(example("describe"))
+        .args(["--model", model_dir("internvl3-hf").to_str().unwrap(), "--image", "no-such-image.png"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-such-image.png") && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn chat_answers_each_turn_with_an_image_attached() {
+    use std::io::Write;
+    let mut child = Command::new(example("chat"))
+        .args(["--model", model_dir("nvlm-d").to_str().unwrap(), "--max-new-tokens", "4", "--temperature", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!("/image {}\nWhat is it?\nAnd now?\n/quit\n", fixture_image("square.png"));
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("attached 96x96 image"), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.matches("> ").count(), 4, "{stdout}"); // one prompt per input line
+}

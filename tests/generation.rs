@@ -1,0 +1,216 @@
+//! Generation on the committed fixtures: greedy tokens equal transformers' `generate`, the KV cache
+//! changes nothing, seeds reproduce, stops stop, streams add up, batches equal single runs.
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::{Reference, model_dir};
+use vlm::generation::{GenerationDefaults, Generator};
+use vlm::processing::{Encoding, ImageTiles};
+use vlm::{GenerationConfig, Image, Message, StopReason, Vlm};
+
+fn vlm(checkpoint: &str) -> Vlm {
+    Vlm::from_pretrained(model_dir(checkpoint).to_str().unwrap(), &vlm::device::cpu()).unwrap()
+}
+
+fn image(name: &str) -> Image {
+    Image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images").join(name)).unwrap()
+}
+
+fn greedy(tokens: usize) -> GenerationConfig {
+    GenerationConfig::default().temperature(0.0).max_new_tokens(tokens)
+}
+
+/// The parity prompt of a reference as an Encoding (token ids and pixel values as transformers had them).
+fn reference_encoding(reference: &Reference, tile_size: usize) -> Encoding {
+    let (shape, pixel_values) = reference.floats("pixel_values");
+    Encoding {
+        input_ids: reference.ids("input_ids").concat(),
+        pixel_values,
+        tile_size,
+        images: vec![ImageTiles { grid: vlm::processing::Grid { cols: 1, rows: 1 }, tiles: shape[0] }],
+        prompt: String::new(),
+    }
+}
+
+#[test]
+fn greedy_tokens_equal_transformers_generate_for_every_fixture() {
+    for (checkpoint, weights) in [
+        ("internvl3-hf", "internvl3"),
+        ("internvl3-original", "internvl3"),
+        ("internvl3-hf-sharded", "internvl3"),
+        ("internvl3-hf-bf16", "internvl3-bf16"),
+        ("internvl2-llama-untied", "internvl2-llama-untied"),
+        ("nvlm-d", "nvlm-d"),
+    ] {
+        let vlm = vlm(checkpoint);
+        let reference = Reference::load(weights);
+        let expected = reference.ids("greedy_tokens").concat();
+        let prompt = reference_encoding(&reference, vlm.model().config().vision.image_size);
+        // transformers generated without stopping at eos; so do we.
+        let config = greedy(expected.len()).eos_token_ids(vec![]);
+        let defaults = GenerationDefaults::default();
+        let generator =
+            Generator::new(vlm.model(), vlm.processor().tokenizer(), &[prompt], &config, &defaults, Instant::now())
+                .unwrap();
+        let out = generator.finish().unwrap().remove(0);
+        assert_eq!(out.token_ids, expected, "{checkpoint}");
+        assert_eq!(out.stop_reason, StopReason::MaxNewTokens);
+    }
+}
+
+fn conversation() -> Vec<Message> {
+    vec![Message::user().image(image("wide.png")).text("What is in this image?")]
+}
+
+#[test]
+fn greedy_with_cache_equals_greedy_without_cache() {
+    let vlm = vlm("internvl3-original");
+    let config = greedy(10).eos_token_ids(vec![]);
+    let cached = vlm.generate(&conversation(), &config).unwrap().token_ids;
+
+    // Without reuse: every token from a full forward pass over the whole sequence.
+    let encoding = vlm.encode(&conversation(), &config).unwrap();
+    let device = vlm.model().language_model.device();
+    let mut ids = encoding.input_ids.clone();
+    let mut recomputed = Vec::new();
+    for _ in 0..10 {
+        let inputs =
+            vlm::models::ModelInputs { input_ids: vec![ids.clone()], pixel_values: encoding.pixel_values(&device) };
+        let mut cache = vlm.model().new_cache(1, ids.len());
+        let logits = vlm.model().forward(&inputs, &mut cache).unwrap();
+        let [_, len, vocab] = logits.dims();
+        let last = logits.narrow(1, len - 1, 1).reshape([vocab]).into_data().try_to_vec::<f32>().unwrap();
+        let next = vlm::generation::sampler::argmax(&last);
+        recomputed.push(next);
+        ids.push(next);
+    }
+    assert_eq!(cached, recomputed);
+}
+
+#[test]
+fn same_seed_gives_the_same_sampled_tokens() {
+    let vlm = vlm("internvl3-hf");
+    let sample = |seed| {
+        GenerationConfig::default().temperature(1.0).top_k(0).max_new_tokens(12).seed(seed).eos_token_ids(vec![])
+    };
+    let first = vlm.generate(&conversation(), &sample(5)).unwrap().token_ids;
+    let again = vlm.generate(&conversation(), &sample(5)).unwrap().token_ids;
+    let other = vlm.generate(&conversation(), &sample(6)).unwrap().token_ids;
+    assert_eq!(first, again);
+    assert_ne!(first, other, "two seeds drew the same 12 tokens from a 410-token vocabulary");
+}
+
+#[test]
+fn eos_stops_generation_and_is_not_in_the_text() {
+    let vlm = vlm("internvl3-hf");
+    let free = vlm.generate(&conversation(), &greedy(8).eos_token_ids(vec![])).unwrap();
+    let eos = free.token_ids[3];
+    let first = free.token_ids.iter().position(|&t| t == eos).unwrap();
+    let stopped = vlm.generate(&conversation(), &greedy(8).eos_token_ids(vec![eos])).unwrap();
+    assert_eq!(stopped.stop_reason, StopReason::Eos);
+    assert_eq!(stopped.token_ids, free.token_ids[..=first]);
+    let before = vlm.processor().tokenizer().decode(&free.token_ids[..first], true).unwrap();
+    assert_eq!(stopped.text, before);
+}
+
+#[test]
+fn checkpoint_eos_from_generation_config_is_used_by_default() {
+    let vlm = vlm("internvl3-hf");
+    let im_end = vlm.processor().tokenizer().token_id("<|im_end|>").unwrap();
+    assert!(vlm.generation_defaults().eos_token_id.contains(&im_end));
+}
+
+#[test]
+fn stop_string_ends_the_text_before_it() {
+    let vlm = vlm("internvl3-hf");
+    let free = vlm.generate(&conversation(), &greedy(16).eos_token_ids(vec![])).unwrap();
+    let chars: Vec<char> = free.text.chars().collect();
+    assert!(chars.len() >= 6, "need some text to cut: {:?}", free.text);
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = free.text.find(&stop).unwrap();
+    let stopped = vlm.generate(&conversation(), &greedy(16).eos_token_ids(vec![]).stop(stop.clone())).unwrap();
+    assert_eq!(stopped.stop_reason, StopReason::StopString(stop));
+    assert_eq!(stopped.text, free.text[..cut]);
+    assert!(stopped.token_ids.len() <= free.token_ids.len());
+}
+
+#[test]
+fn max_new_tokens_is_exact() {
+    let vlm = vlm("nvlm-d");
+    let out = vlm.generate(&conversation(), &greedy(5).eos_token_ids(vec![])).unwrap();
+    assert_eq!(out.token_ids.len(), 5);
+    assert_eq!(out.stop_reason, StopReason::MaxNewTokens);
+    assert!(out.prompt_tokens > 16);
+    assert!(out.timings.time_to_first_token >= out.timings.prefill);
+}
+
+#[test]
+fn concatenated_stream_equals_the_full_text() {
+    let vlm = vlm("internvl2-llama-untied");
+    let config = greedy(24).eos_token_ids(vec![]);
+    let full = vlm.generate(&conversation(), &config).unwrap();
+    let mut stream = vlm.stream(&conversation(), &config).unwrap();
+    let mut text = String::new();
+    let mut deltas = 0;
+    for delta in &mut stream {
+        let delta = delta.unwrap();
+        // (A random model can emit byte tokens that never form a character; those decode to U+FFFD
+        // in the full text too. Splitting of real characters is checked below.)
+        assert!(!delta.is_empty());
+        text.push_str(&delta);
+        deltas += 1;
+    }
+    let out = stream.finish().unwrap();
+    assert_eq!(text, full.text);
+    assert_eq!(out.token_ids, full.token_ids);
+    assert!(deltas > 1);
+}
+
+#[test]
+fn stream_never_splits_a_multibyte_character() {
+    // Byte-level BPE pieces of "猫がソファ" cover partial characters; decoding them one at a time
+    // must only ever yield whole characters.
+    let vlm = vlm("internvl3-hf");
+    let tokenizer = vlm.processor().tokenizer();
+    let ids = tokenizer.encode("猫がソファの上に座っています。图片里有什么？").unwrap();
+    let mut decoder = vlm::generation::IncrementalDecoder::new();
+    let mut text = String::new();
+    for id in ids {
+        if let Some(delta) = decoder.push(tokenizer, id).unwrap() {
+            assert!(!delta.contains('\u{FFFD}'), "{delta:?}");
+            text.push_str(&delta);
+        }
+    }
+    assert_eq!(text, "猫がソファの上に座っています。图片里有什么？");
+}
+
+#[test]
+fn batch_of_different_conversations_equals_running_them_one_by_one() {
+    let vlm = vlm("internvl3-hf");
+    let conversations = vec![
+        vec![Message::user().image(image("wide.png")).text("What is in this image?")],
+        vec![Message::user().text("Describe a cat.")],
+        vec![
+            Message::system().text("Be brief."),
+            Message::user().image(image("tiny.png")).image(image("square.png")).text("Compare the two."),
+        ],
+    ];
+    let config = greedy(10).eos_token_ids(vec![]);
+    let batch = vlm.generate_batch(&conversations, &config).unwrap();
+    for (conversation, batched) in conversations.iter().zip(&batch) {
+        let single = vlm.generate(conversation, &config).unwrap();
+        assert_eq!(batched.token_ids, single.token_ids);
+        assert_eq!(batched.text, single.text);
+        assert_eq!(batched.prompt_tokens, single.prompt_tokens);
+    }
+}
+
+#[test]
+fn invalid_settings_fail_before_any_compute() {
+    let vlm = vlm("internvl3-hf");
+    let error = vlm.generate(&conversation(), &GenerationConfig::default().top_p(2.0)).unwrap_err();
+    assert!(matches!(error, vlm::Error::Input(_)), "{error}");
+}
