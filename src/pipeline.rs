@@ -93,8 +93,9 @@ impl Vlm {
         let started = Instant::now();
         config.validate()?;
         let encoding = self.encode(messages, config)?;
-        let generator =
-            Generator::new(&self.model, self.processor.tokenizer(), &[encoding], config, &self.defaults, started)?;
+        let tokenizer = self.processor.tokenizer();
+        let configs = std::slice::from_ref(config);
+        let generator = Generator::new(&self.model, tokenizer, &[encoding], configs, &self.defaults, started)?;
         Ok(TextStream { generator, pending: VecDeque::new(), failed: false })
     }
 
@@ -105,7 +106,8 @@ impl Vlm {
         config.validate()?;
         let encodings =
             conversations.iter().map(|messages| self.encode(messages, config)).collect::<Result<Vec<_>>>()?;
-        Generator::new(&self.model, self.processor.tokenizer(), &encodings, config, &self.defaults, started)?.finish()
+        let configs = vec![config.clone(); encodings.len()];
+        Generator::new(&self.model, self.processor.tokenizer(), &encodings, &configs, &self.defaults, started)?.finish()
     }
 }
 

@@ -53,7 +53,7 @@ fn greedy_tokens_equal_transformers_generate_for_every_fixture() {
         let config = greedy(expected.len()).eos_token_ids(vec![]);
         let defaults = GenerationDefaults::default();
         let generator =
-            Generator::new(vlm.model(), vlm.processor().tokenizer(), &[prompt], &config, &defaults, Instant::now())
+            Generator::new(vlm.model(), vlm.processor().tokenizer(), &[prompt], &[config], &defaults, Instant::now())
                 .unwrap();
         let out = generator.finish().unwrap().remove(0);
         assert_eq!(out.token_ids, expected, "{checkpoint}");

@@ -24,13 +24,15 @@ pub enum StopReason {
     MaxNewTokens,
     /// The model's context is full.
     ContextFull,
+    /// The caller cancelled it (a client went away).
+    Cancelled,
 }
 
 impl StopReason {
     /// OpenAI's `finish_reason`: `"stop"` or `"length"`.
     pub fn finish_reason(&self) -> &'static str {
         match self {
-            StopReason::Eos | StopReason::StopString(_) => "stop",
+            StopReason::Eos | StopReason::StopString(_) | StopReason::Cancelled => "stop",
             StopReason::MaxNewTokens | StopReason::ContextFull => "length",
         }
     }
@@ -43,6 +45,7 @@ impl std::fmt::Display for StopReason {
             StopReason::StopString(_) => f.write_str("stop_string"),
             StopReason::MaxNewTokens => f.write_str("max_new_tokens"),
             StopReason::ContextFull => f.write_str("context_full"),
+            StopReason::Cancelled => f.write_str("cancelled"),
         }
     }
 }
@@ -101,6 +104,8 @@ struct Row {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopStrings,
+    eos: Vec<u32>,
+    max_new_tokens: usize,
     stopped: Option<StopReason>,
 }
 
@@ -112,39 +117,45 @@ pub struct Generator<'a> {
     rows: Vec<Row>,
     /// The last position's logits of every row, on the host.
     logits: Vec<Vec<f32>>,
-    eos: Vec<u32>,
     pad: u32,
-    max_new_tokens: usize,
     started: Instant,
     timings: Timings,
     first_token_at: Option<Instant>,
 }
 
 impl<'a> Generator<'a> {
-    /// Runs the prefill of `prompts` (left-padded to one length) and gets ready to sample.
-    /// `started` is when the caller's request began (for time to first token).
+    /// Runs the prefill of `prompts` (left-padded to one length) and gets ready to sample, each
+    /// prompt with its own settings (`configs[i]` for `prompts[i]`). `started` is when the caller's
+    /// request began (for time to first token).
     pub fn new(
         model: &'a InternVlModel,
         tokenizer: &'a Tokenizer,
         prompts: &[Encoding],
-        config: &GenerationConfig,
+        configs: &[GenerationConfig],
         defaults: &GenerationDefaults,
         started: Instant,
     ) -> Result<Self> {
-        config.validate()?;
         if prompts.is_empty() {
             return Err(Error::Input("nothing to generate for: no prompts".into()));
         }
-        let eos = config.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_id.clone());
+        if configs.len() != prompts.len() {
+            return Err(Error::Input(format!("{} generation configs for {} prompts", configs.len(), prompts.len())));
+        }
+        for config in configs {
+            config.validate()?;
+        }
         let image_token = model.config().image_token_id;
         let pad = defaults
             .pad_token_id
             .into_iter()
-            .chain(eos.iter().copied())
+            .chain(defaults.eos_token_id.iter().copied())
             .chain([0])
             .find(|&id| Some(id) != image_token)
             .unwrap_or(0);
-        let max_new_tokens = config.max_new_tokens.or(defaults.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let max_new = |config: &GenerationConfig| {
+            config.max_new_tokens.or(defaults.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS)
+        };
+        let max_new_tokens = configs.iter().map(max_new).max().unwrap_or(0);
         let longest = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
         let context = model.config().text.max_position_embeddings;
         if longest == 0 {
@@ -172,13 +183,16 @@ impl<'a> Generator<'a> {
 
         let rows = prompts
             .iter()
-            .map(|p| Row {
+            .zip(configs)
+            .map(|(p, config)| Row {
                 tokens: p.input_ids.clone(),
                 prompt_tokens: p.input_ids.len(),
                 sampler: Sampler::new(config, defaults),
                 decoder: IncrementalDecoder::new(),
                 stops: StopStrings::new(config.stop.clone()),
-                stopped: (max_new_tokens == 0).then_some(StopReason::MaxNewTokens),
+                eos: config.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_id.clone()),
+                max_new_tokens: max_new(config),
+                stopped: (max_new(config) == 0).then_some(StopReason::MaxNewTokens),
             })
             .collect();
         let timings = Timings {
@@ -186,24 +200,46 @@ impl<'a> Generator<'a> {
             prefill_tokens: prompts.iter().map(|p| p.input_ids.len()).sum(),
             ..Timings::default()
         };
-        Ok(Self {
-            model,
-            tokenizer,
-            cache,
-            rows,
-            logits,
-            eos,
-            pad,
-            max_new_tokens,
-            started,
-            timings,
-            first_token_at: None,
-        })
+        Ok(Self { model, tokenizer, cache, rows, logits, pad, started, timings, first_token_at: None })
     }
 
     /// Whether every sequence has stopped.
     pub fn is_finished(&self) -> bool {
         self.rows.iter().all(|row| row.stopped.is_some())
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the batch is empty (never: construction needs a prompt).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Whether sequence `row` has stopped.
+    pub fn is_row_finished(&self, row: usize) -> bool {
+        self.rows.get(row).is_none_or(|row| row.stopped.is_some())
+    }
+
+    /// Stops sequence `row` (its client went away); the others go on.
+    pub fn cancel(&mut self, row: usize) {
+        if let Some(row) = self.rows.get_mut(row) {
+            row.stopped.get_or_insert(StopReason::Cancelled);
+        }
+    }
+
+    /// The result of sequence `row` so far (final once it has stopped).
+    pub fn generation(&self, row: usize) -> Generation {
+        let row = &self.rows[row];
+        Generation {
+            text: row.stops.released().to_string(),
+            token_ids: row.tokens[row.prompt_tokens..].to_vec(),
+            prompt_tokens: row.prompt_tokens,
+            stop_reason: row.stopped.clone().unwrap_or(StopReason::MaxNewTokens),
+            timings: self.timings,
+        }
     }
 
     /// Samples one token for every running sequence and runs the decoder on them. Returns the text
@@ -221,12 +257,12 @@ impl<'a> Generator<'a> {
             row.tokens.push(token);
             let generated = row.tokens.len() - row.prompt_tokens;
             let mut delta = String::new();
-            if self.eos.contains(&token) {
+            if row.eos.contains(&token) {
                 row.stopped = Some(StopReason::Eos);
             } else if let Some(text) = row.decoder.push(self.tokenizer, token)? {
                 append(row, &text, &mut delta);
             }
-            if row.stopped.is_none() && generated >= self.max_new_tokens {
+            if row.stopped.is_none() && generated >= row.max_new_tokens {
                 row.stopped = Some(StopReason::MaxNewTokens);
             }
             if row.stopped.is_none() && self.cache.len() >= self.cache.capacity() {
@@ -269,18 +305,7 @@ impl<'a> Generator<'a> {
         while !self.is_finished() {
             self.step()?;
         }
-        let timings = self.timings;
-        Ok(self
-            .rows
-            .into_iter()
-            .map(|row| Generation {
-                text: row.stops.released().to_string(),
-                token_ids: row.tokens[row.prompt_tokens..].to_vec(),
-                prompt_tokens: row.prompt_tokens,
-                stop_reason: row.stopped.unwrap_or(StopReason::MaxNewTokens),
-                timings,
-            })
-            .collect())
+        Ok((0..self.rows.len()).map(|row| self.generation(row)).collect())
     }
 }
 

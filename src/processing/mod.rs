@@ -54,12 +54,24 @@ pub struct ProcessOptions {
     pub min_tiles: Option<usize>,
     /// End the prompt with the assistant's turn opener.
     pub add_generation_prompt: bool,
+    /// Move each message's images before its text, as InternVL's model cards write prompts
+    /// (harnesses such as lmms-eval send the question first).
+    pub images_first: bool,
 }
 
 impl Default for ProcessOptions {
     fn default() -> Self {
-        Self { max_tiles: None, min_tiles: None, add_generation_prompt: true }
+        Self { max_tiles: None, min_tiles: None, add_generation_prompt: true, images_first: false }
     }
+}
+
+/// A message's parts in prompt order: as given, or images first.
+fn ordered_parts(message: &Message, images_first: bool) -> Vec<&Content> {
+    let mut parts: Vec<&Content> = message.content.iter().collect();
+    if images_first {
+        parts.sort_by_key(|part| !matches!(part, Content::Image(_))); // stable: keeps each kind's order
+    }
+    parts
 }
 
 /// How one image was tiled.
@@ -146,7 +158,7 @@ impl Processor {
             return Err(Error::Input("a conversation needs at least one message".into()));
         }
         let tiling = self.tiling(options)?;
-        let prompt = self.render(messages, options.add_generation_prompt)?;
+        let prompt = self.render_with(messages, options)?;
         let image_count = messages.iter().map(|m| m.images().count()).sum::<usize>();
         let placeholders = prompt.matches(self.config.placeholders.placeholder()).count();
         if placeholders != image_count {
@@ -156,7 +168,11 @@ impl Processor {
         let size = tiling.tile_size as usize;
         let mut pixel_values = Vec::new();
         let mut images = Vec::with_capacity(image_count);
-        for image in messages.iter().flat_map(Message::images) {
+        let ordered = messages.iter().flat_map(|m| ordered_parts(m, options.images_first));
+        for image in ordered.filter_map(|part| match part {
+            Content::Image(image) => Some(image),
+            Content::Text(_) => None,
+        }) {
             let rgb = image.to_rgb8(self.config.alpha);
             let (grid, tiles) = tiling::split_into_tiles(&rgb, &tiling);
             pixel_values.reserve(tiles.len() * 3 * size * size);
@@ -183,21 +199,26 @@ impl Processor {
 
     /// The checkpoint's template applied to the conversation, image placeholders not yet expanded.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, &ProcessOptions { add_generation_prompt, ..ProcessOptions::default() })
+    }
+
+    fn render_with(&self, messages: &[Message], options: &ProcessOptions) -> Result<String> {
         let placeholders = &self.config.placeholders;
         let image_count = messages.iter().map(|m| m.images().count()).sum::<usize>();
         let mut image_index = 0;
         let rendered: Vec<TemplateMessage> = messages
             .iter()
             .map(|message| {
+                let parts = ordered_parts(message, options.images_first);
                 let content = if placeholders.structured_content() {
-                    let parts = message.content.iter().map(|part| match part {
+                    let parts = parts.iter().map(|part| match part {
                         Content::Text(text) => serde_json::json!({"type": "text", "text": text}),
                         Content::Image(_) => serde_json::json!({"type": "image"}),
                     });
                     serde_json::Value::Array(parts.collect())
                 } else {
                     let mut text = String::new();
-                    for part in &message.content {
+                    for part in parts {
                         match part {
                             Content::Text(part) => text.push_str(part),
                             Content::Image(_) => {
@@ -212,7 +233,8 @@ impl Processor {
                 TemplateMessage { role: role.unwrap_or_default(), content }
             })
             .collect();
-        self.template.render(&rendered, add_generation_prompt, self.tokenizer.bos_token(), self.tokenizer.eos_token())
+        let (bos, eos) = (self.tokenizer.bos_token(), self.tokenizer.eos_token());
+        self.template.render(&rendered, options.add_generation_prompt, bos, eos)
     }
 
     fn tiling(&self, options: &ProcessOptions) -> Result<TilingConfig> {
