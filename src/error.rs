@@ -167,6 +167,17 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// A benchmark file (JSONL) or an evaluation results file is malformed.
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Benchmark {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line, when the problem is on one line.
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+
     /// The sequence would not fit in the model's context or the KV cache.
     #[error("sequence of {requested} tokens exceeds the limit of {limit} tokens")]
     ContextOverflow {

@@ -14,10 +14,13 @@
 //! - [`models::InternVlModel::forward`] takes token ids and pixel values with a [`nn::KvCache`];
 //! - the blocks ([`vision::InternVit`], [`projector::MultiModalProjector`], [`text::TextModel`])
 //!   each follow `Config -> init -> forward`.
+//!
+//! [`eval`] scores models on benchmarks with the standard metrics.
 
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod generation;
 pub mod loader;
 pub mod models;

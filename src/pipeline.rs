@@ -106,8 +106,20 @@ impl Vlm {
         config.validate()?;
         let encodings =
             conversations.iter().map(|messages| self.encode(messages, config)).collect::<Result<Vec<_>>>()?;
+        self.generate_encoded(&encodings, config, started)
+    }
+
+    /// Generates for conversations already [`encode`](Self::encode)d, as one batch; timings count
+    /// from `started`. Lets a caller encode each conversation alone and set aside the ones that fail.
+    pub fn generate_encoded(
+        &self,
+        encodings: &[Encoding],
+        config: &GenerationConfig,
+        started: Instant,
+    ) -> Result<Vec<Generation>> {
+        config.validate()?;
         let configs = vec![config.clone(); encodings.len()];
-        Generator::new(&self.model, self.processor.tokenizer(), &encodings, &configs, &self.defaults, started)?.finish()
+        Generator::new(&self.model, self.processor.tokenizer(), encodings, &configs, &self.defaults, started)?.finish()
     }
 }
 

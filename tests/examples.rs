@@ -2,27 +2,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::model_dir;
-
-/// Builds an example with the same cargo and profile as this test, and returns its path.
-fn example(name: &str) -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", name])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building example {name}");
-    // this test: target/<profile>/deps/examples-<hash>; examples: target/<profile>/examples/<name>
-    let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    profile_dir.join("examples").join(name)
-}
-
-fn fixture_image(name: &str) -> String {
-    format!("{}/tests/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"))
-}
+use common::{example, fixture_image, model_dir};
 
 #[test]
 fn describe_json_prints_one_object_with_the_library_answer() {

@@ -5,12 +5,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::model_dir;
+use common::{example, model_dir};
 use serde_json::{Value, json};
 
 const MODEL: &str = "tiny-internvl";
@@ -28,18 +27,8 @@ impl Drop for Server {
     }
 }
 
-fn example_binary(name: &str) -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", name])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("examples").join(name)
-}
-
 fn start(extra: &[&str]) -> Server {
-    let mut child = Command::new(example_binary("serve"))
+    let mut child = Command::new(example("serve"))
         .args(["--model", model_dir("internvl3-hf").to_str().unwrap(), "--served-model-name", MODEL, "--port", "0"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -53,7 +42,7 @@ fn start(extra: &[&str]) -> Server {
 }
 
 fn image_part(name: &str) -> Value {
-    let path = format!("{}/tests/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = common::fixture_image(name);
     let data = base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
     json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}})
 }
@@ -93,7 +82,7 @@ fn expected_answer(question: &str, images: &[&str]) -> String {
 fn expected_with(vlm: &vlm::Vlm, question: &str, images: &[&str]) -> String {
     let mut message = vlm::Message::user();
     for name in images {
-        let path = format!("{}/tests/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = common::fixture_image(name);
         message = message.image(vlm::Image::open(path).unwrap());
     }
     let messages = [message.text(question)];
@@ -363,7 +352,7 @@ fn api_key_is_required_when_set() {
 #[test]
 fn http_image_urls_are_fetched_within_limits() {
     // A one-shot-per-connection HTTP server for the test image.
-    let png = std::fs::read(format!("{}/tests/fixtures/images/square.png", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let png = std::fs::read(common::fixture_image("square.png")).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let image_server = listener.local_addr().unwrap();
     std::thread::spawn(move || {

@@ -7,6 +7,24 @@ use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use vlm::Device;
 
+/// Builds an example with the same cargo and profile as the running test, and returns its path.
+pub fn example(name: &str) -> PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building example {name}");
+    // the test: target/<profile>/deps/<test>-<hash>; examples: target/<profile>/examples/<name>
+    let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    profile_dir.join("examples").join(name)
+}
+
+/// `tests/fixtures/images/<name>`.
+pub fn fixture_image(name: &str) -> String {
+    format!("{}/tests/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// `tests/fixtures/models/<name>`.
 pub fn model_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
