@@ -25,7 +25,44 @@ fn cuda_device(name: &str) -> crate::Result<Device> {
         }
         None => 0,
     };
+    check_cuda_runtime(index)?;
     Ok(Device::cuda(index))
+}
+
+/// What the CUDA backend needs at run time, checked up front: burn, cubecl and cudarc would panic
+/// at the first kernel instead.
+#[cfg(feature = "cuda")]
+fn check_cuda_runtime(index: usize) -> crate::Result<()> {
+    use crate::Error::Device as error;
+    // SAFETY: these only try to dlopen the libraries by name.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(error(
+            "the CUDA driver library (libcuda.so) is not on the loader path: install the NVIDIA driver, \
+             or add its folder to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(error(
+            "NVRTC (libnvrtc.so) is not on the loader path: add the CUDA toolkit's lib64 folder (or the \
+             nvidia-cuda-nvrtc wheel's lib folder) to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let include = cubecl::cuda::install::cuda_path().map(|path| path.join("include"));
+    if !include.as_ref().is_some_and(|include| include.join("cuda.h").is_file()) {
+        let looked = include.map_or("/usr/local/cuda/include, /opt/cuda/include".into(), |p| p.display().to_string());
+        return Err(error(format!(
+            "CUDA headers not found (looked for cuda.h in {looked}): kernels are compiled at run time and need \
+             them; set CUDA_PATH to the CUDA installation (CUDA_HOME is not read)"
+        )));
+    }
+    cudarc::driver::result::init().map_err(|e| error(format!("cannot initialise CUDA: {e}")))?;
+    let count = cudarc::driver::result::device::get_count().map_err(|e| error(format!("cannot count GPUs: {e}")))?;
+    if index >= count as usize {
+        return Err(error(format!("no CUDA device {index}: this machine has {count}")));
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]

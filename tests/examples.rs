@@ -71,3 +71,24 @@ fn chat_answers_each_turn_with_an_image_attached() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.matches("> ").count(), 4, "{stdout}"); // one prompt per input line
 }
+
+#[test]
+fn bench_prints_every_row_of_the_standard_workload_as_json() {
+    let output = Command::new(example("bench")).args(["--size", "tiny", "--runs", "1"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for key in [
+        "vision_ms_1tiles",
+        "vision_ms_7tiles",
+        "vision_ms_13tiles",
+        "ttft_ms_13tiles",
+        "ttft_ms_1tile",
+        "first_ttft_ms_1tile",
+        "decode_tok_s_bs1",
+        "decode_tok_s_bs16",
+    ] {
+        let value = row[key].as_f64().unwrap_or_else(|| panic!("{key} in {row}"));
+        assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+    }
+    assert_eq!(row["params"], 131_808);
+}

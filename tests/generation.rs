@@ -91,6 +91,31 @@ fn greedy_with_cache_equals_greedy_without_cache() {
 }
 
 #[test]
+fn truncated_cache_recomputes_the_same_step() {
+    let vlm = vlm("internvl3-hf");
+    let encoding = vlm.encode(&conversation(), &greedy(1)).unwrap();
+    let device = vlm.model().language_model.device();
+    let model = vlm.model();
+    let prompt = vlm::models::ModelInputs {
+        input_ids: vec![encoding.input_ids.clone()],
+        pixel_values: encoding.pixel_values(&device),
+    };
+    let mut cache = model.new_cache(1, encoding.input_ids.len() + 2);
+    model.forward(&prompt, &mut cache).unwrap();
+    let filled = cache.len();
+    let step = |token: u32, cache: &mut vlm::nn::KvCache| {
+        let inputs = vlm::models::ModelInputs { input_ids: vec![vec![token]], pixel_values: None };
+        model.forward(&inputs, cache).unwrap().into_data().try_to_vec::<f32>().unwrap()
+    };
+    let first = step(7, &mut cache);
+    let other = step(9, &mut cache);
+    cache.truncate(filled);
+    assert_eq!(cache.len(), filled);
+    assert_eq!(step(7, &mut cache), first);
+    assert_ne!(first, other);
+}
+
+#[test]
 fn same_seed_gives_the_same_sampled_tokens() {
     let vlm = vlm("internvl3-hf");
     let sample = |seed| {

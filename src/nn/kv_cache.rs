@@ -78,6 +78,12 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Forgets the tokens after the first `len` (no effect if fewer are written), so the next
+    /// forward pass continues from there: to re-run a step, or to reuse a shared prompt prefix.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Checks that `seq_len` more tokens fit.
     pub fn check_room(&self, seq_len: usize) -> Result<()> {
         if self.len + seq_len > self.capacity {

@@ -1,0 +1,231 @@
+//! Speed on the standard workload (`PERF.md`): InternVL3-shaped models with random weights at real
+//! sizes (no download), or at a tiny size that runs anywhere. Prints one JSON object per size.
+//!
+//! cargo run --release --example bench -- --size tiny                       # CPU, seconds
+//! cargo run --release --features cuda --example bench -- --device cuda --dtype bf16 --size 1b --size 8b
+//!
+//! Rows: vision + projector for 1, 7 and 13 tiles; time to first token for one image of 13 tiles
+//! (and of 1 tile) plus 32 text tokens; decode tokens/s at batch 1 and 16 after a 1-tile prompt;
+//! the first call's time to first token (compilation and autotuning included). Each timing is the
+//! median of `--runs` after one warm-up, synchronised by reading the result back.
+
+use std::time::{Duration, Instant};
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Distribution, FloatDType, Int, Tensor};
+use clap::Parser;
+use serde_json::{Value, json};
+use vlm::Device;
+use vlm::models::{InternVlConfig, InternVlModel, ModelInputs};
+use vlm::nn::{Activation, NormKind};
+use vlm::projector::ProjectorConfig;
+use vlm::text::TextConfig;
+use vlm::vision::InternVitConfig;
+
+#[derive(Parser)]
+#[command(about = "Time vision, prefill and decode on random-weight InternVL3-shaped models")]
+struct Args {
+    /// tiny, 1b, 2b or 8b; repeat for several (one JSON object each).
+    #[arg(long = "size", default_value = "tiny")]
+    sizes: Vec<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed runs per row (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// The decoders of the standard workload: (hidden, layers, heads, KV heads, FFN, tied).
+fn decoder(size: &str) -> Option<(usize, usize, usize, usize, usize, bool)> {
+    match size {
+        "1b" => Some((896, 24, 14, 2, 4864, true)),
+        "2b" => Some((1536, 28, 12, 2, 8960, true)),
+        "8b" => Some((3584, 28, 28, 4, 18944, false)),
+        _ => None,
+    }
+}
+
+fn config(size: &str) -> anyhow::Result<InternVlConfig> {
+    if size == "tiny" {
+        return Ok(InternVlConfig::tiny());
+    }
+    let Some((hidden, layers, heads, kv_heads, ffn, tied)) = decoder(size) else {
+        anyhow::bail!("unknown size {size:?} (tiny, 1b, 2b, 8b)");
+    };
+    // InternViT-300M at 448 px, pixel shuffle 0.5 (256 tokens per tile), Qwen2 decoder.
+    let vision = InternVitConfig {
+        hidden_size: 1024,
+        num_hidden_layers: 24,
+        num_attention_heads: 16,
+        intermediate_size: 4096,
+        norm: NormKind::LayerNorm,
+        layer_norm_eps: 1e-6,
+        qkv_bias: true,
+        qk_norm: false,
+        image_size: 448,
+        patch_size: 14,
+        num_channels: 3,
+        hidden_act: Activation::Gelu,
+    };
+    let text = TextConfig {
+        vocab_size: 151_674,
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 32_768,
+        qkv_bias: true,
+        o_bias: false,
+        mlp_bias: false,
+        hidden_act: Activation::Silu,
+        tie_word_embeddings: tied,
+    };
+    let projector = ProjectorConfig {
+        input_size: vision.hidden_size * 4,
+        hidden_size: hidden,
+        output_size: hidden,
+        bias: true,
+        layer_norm_eps: 1e-5,
+        activation: Activation::Gelu,
+    };
+    Ok(InternVlConfig { vision, projector, text, image_token_id: Some(151_667), ..InternVlConfig::tiny() })
+}
+
+/// Fills every parameter with small random values (timing on zeros flatters some kernels).
+struct Randomize<'a> {
+    device: &'a Device,
+}
+
+impl ModuleMapper for Randomize<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let shape = param.lazy_shape();
+        Param::initialized(param.id, Tensor::random(shape, Distribution::Normal(0.0, 0.02), self.device))
+    }
+}
+
+/// Median of `runs` durations that `f` measures, after one warm-up call.
+fn median(runs: usize, mut f: impl FnMut() -> anyhow::Result<Duration>) -> anyhow::Result<Duration> {
+    f()?;
+    let mut times = (0..runs.max(1)).map(|_| f()).collect::<anyhow::Result<Vec<_>>>()?;
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// How long `f` takes.
+fn timed(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed())
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+fn pixels(tiles: usize, config: &InternVlConfig, device: &Device) -> Tensor<4> {
+    let side = config.vision.image_size;
+    Tensor::random([tiles, 3, side, side], Distribution::Normal(0.0, 1.0), device)
+}
+
+/// A prompt of `tiles` tiles of image tokens then 32 text tokens, `batch` times.
+fn prompt(model: &InternVlModel, tiles: usize, batch: usize, device: &Device) -> ModelInputs {
+    let config = model.config();
+    let image_token = config.image_token_id.expect("bench configs set it");
+    let text_vocab = (config.text.vocab_size as u32).min(image_token);
+    let row: Vec<u32> = std::iter::repeat_n(image_token, tiles * config.tokens_per_tile())
+        .chain((0..32u32).map(|i| (i * 7919 + 13) % text_vocab))
+        .collect();
+    ModelInputs { input_ids: vec![row; batch], pixel_values: Some(pixels(tiles * batch, config, device)) }
+}
+
+/// Greedy next tokens from the last position's logits (reads them back: a device sync).
+fn next_tokens(logits: Tensor<3>) -> Vec<u32> {
+    let [batch, seq_len, vocab] = logits.dims();
+    // [batch, 1, vocab] -> [batch, 1]
+    let last = logits.slice([0..batch, seq_len - 1..seq_len, 0..vocab]).argmax(2).reshape([batch]);
+    let last: Tensor<1, Int> = last;
+    last.into_data().iter::<i64>().map(|id| id as u32).collect()
+}
+
+/// Prefill `inputs`, then decode `steps` tokens; returns (time to first token, decode time).
+fn generate(model: &InternVlModel, inputs: &ModelInputs, steps: usize) -> anyhow::Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let batch = inputs.input_ids.len();
+    let mut cache = model.new_cache(batch, inputs.input_ids[0].len() + steps + 1);
+    let mut tokens = next_tokens(model.forward(inputs, &mut cache)?);
+    let ttft = start.elapsed();
+    let decode_start = Instant::now();
+    for _ in 0..steps {
+        let step = ModelInputs { input_ids: tokens.iter().map(|&t| vec![t]).collect(), pixel_values: None };
+        tokens = next_tokens(model.forward(&step, &mut cache)?);
+    }
+    Ok((ttft, decode_start.elapsed()))
+}
+
+fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
+    let config = config(size)?;
+    let init_start = Instant::now();
+    let model = config.init(device).map(&mut Randomize { device });
+    let params = model.num_params();
+    let init_ms = ms(init_start.elapsed());
+    let tiny = size == "tiny";
+    let (steps_bs1, steps_bs16) = if tiny { (64, 32) } else { (256, 128) };
+
+    // The very first request, compilation and autotuning included.
+    let first = generate(&model, &prompt(&model, 1, 1, device), 0)?.0;
+
+    let mut row = json!({
+        "size": size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "params": params,
+        "init_random_weights_ms": init_ms,
+        "first_ttft_ms_1tile": ms(first),
+    });
+    for tiles in [1, 7, 13] {
+        let pixel_values = pixels(tiles, &config, device);
+        let time = median(args.runs, || {
+            timed(|| {
+                // The sum reads back one number: the device has finished.
+                model.image_features(pixel_values.clone())?.sum().into_data();
+                Ok(())
+            })
+        })?;
+        row[format!("vision_ms_{tiles}tiles")] = ms(time).into();
+    }
+    for (tiles, key) in [(13, "ttft_ms_13tiles"), (1, "ttft_ms_1tile")] {
+        let inputs = prompt(&model, tiles, 1, device);
+        row[key] = ms(median(args.runs, || Ok(generate(&model, &inputs, 0)?.0))?).into();
+    }
+    for (batch, steps, key) in [(1, steps_bs1, "decode_tok_s_bs1"), (16, steps_bs16, "decode_tok_s_bs16")] {
+        let inputs = prompt(&model, 1, batch, device);
+        let decode = median(args.runs, || Ok(generate(&model, &inputs, steps)?.1))?;
+        row[key] = ((batch * steps) as f64 / decode.as_secs_f64()).into();
+        row[format!("{key}_new_tokens")] = steps.into();
+    }
+    Ok(row)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut device = vlm::device::from_name(&args.device)?;
+    let dtype = match args.dtype.as_str() {
+        "f32" => FloatDType::F32,
+        "bf16" => FloatDType::BF16,
+        "f16" => FloatDType::F16,
+        other => anyhow::bail!("unknown --dtype {other:?} (f32, bf16, f16)"),
+    };
+    device.configure(dtype).map_err(|e| anyhow::anyhow!("{} cannot use {}: {e:?}", args.device, args.dtype))?;
+    for size in &args.sizes {
+        println!("{}", bench(size, &args, &device)?);
+    }
+    Ok(())
+}
