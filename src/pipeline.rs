@@ -117,7 +117,6 @@ impl Vlm {
         config: &GenerationConfig,
         started: Instant,
     ) -> Result<Vec<Generation>> {
-        config.validate()?;
         let configs = vec![config.clone(); encodings.len()];
         Generator::new(&self.model, self.processor.tokenizer(), encodings, &configs, &self.defaults, started)?.finish()
     }

@@ -168,11 +168,8 @@ impl Processor {
         let size = tiling.tile_size as usize;
         let mut pixel_values = Vec::new();
         let mut images = Vec::with_capacity(image_count);
-        let ordered = messages.iter().flat_map(|m| ordered_parts(m, options.images_first));
-        for image in ordered.filter_map(|part| match part {
-            Content::Image(image) => Some(image),
-            Content::Text(_) => None,
-        }) {
+        // Moving images before text keeps their order among themselves, so this is prompt order.
+        for image in messages.iter().flat_map(Message::images) {
             let rgb = image.to_rgb8(self.config.alpha);
             let (grid, tiles) = tiling::split_into_tiles(&rgb, &tiling);
             pixel_values.reserve(tiles.len() * 3 * size * size);
