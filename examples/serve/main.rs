@@ -15,15 +15,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc::SyncSender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use vlm::processing::{ImageLimits, Message, ProcessOptions};
 use vlm::{GenerationConfig, Vlm};
@@ -86,6 +86,7 @@ struct AppState {
     images: ImageFetch,
     max_tiles: Option<usize>,
     default_max_tokens: usize,
+    max_body_bytes: usize,
     next_id: AtomicU64,
     stats: Arc<Stats>,
 }
@@ -111,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         },
         max_tiles: args.max_tiles,
         default_max_tokens: args.default_max_tokens,
+        max_body_bytes: args.max_body_mib << 20,
         next_id: AtomicU64::new(0),
         stats,
     });
@@ -121,7 +123,6 @@ async fn main() -> anyhow::Result<()> {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
         })
-        .layer(DefaultBodyLimit::max(args.max_body_mib << 20))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
     let address: SocketAddr = listener.local_addr()?;
@@ -171,22 +172,54 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
     .into_response())
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    authorize(&state, &headers)?;
-    let body = body.map_err(|rejection| match rejection {
-        BytesRejection::FailedToBufferBody(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+/// How much of a too-large body is still read (and dropped) before answering 413, and for how long.
+const DRAIN_MAX_BYTES: usize = 64 << 20;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(10);
+
+/// Reads a request body of at most `limit` bytes.
+///
+/// A larger body is still read to its end and dropped (up to [`DRAIN_MAX_BYTES`] more, for at most
+/// [`DRAIN_MAX_TIME`]) before the 413 goes out: closing the connection while the client is still
+/// sending would reset it, and the client would see a broken pipe instead of the error (nginx calls
+/// this a lingering close).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "request_too_large",
-            rejection.body_text(),
-        ),
-        other => ApiError::invalid(other.body_text()),
-    })?;
+            format!("the request body is over the {} MiB limit (--max-body-mib)", limit >> 20),
+        )
+    };
+    let unreadable = |e: axum::Error| ApiError::invalid(format!("could not read the request body: {e}"));
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(unreadable)?;
+        if kept.len() + chunk.len() > limit {
+            let mut dropped = kept.len() + chunk.len() - limit;
+            let deadline = tokio::time::Instant::now() + DRAIN_MAX_TIME;
+            while dropped <= DRAIN_MAX_BYTES {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(chunk))) => dropped += chunk.len(),
+                    Ok(Some(Err(_)) | None) | Err(_) => break,
+                }
+            }
+            return Err(too_large());
+        }
+        kept.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(kept))
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    authorize(&state, &headers)?;
+    let body = read_body(body, state.max_body_bytes).await?;
     let request: ChatRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("malformed request: {e}")))?;
     if let Some(model) = request.model.as_deref().filter(|&m| m != state.model_name) {
