@@ -53,6 +53,7 @@ pub fn fill(
         device: device.clone(),
         dtype: device.settings().float_dtype,
         path: Vec::new(),
+        containers: Vec::new(),
         used: BTreeSet::new(),
         missing: Vec::new(),
         error: None,
@@ -87,6 +88,8 @@ struct Filler<'a> {
     dtype: FloatDType,
     /// Path segments of the module being visited.
     path: Vec<String>,
+    /// Type of the module each entered field belongs to (`Struct:Linear`, `Enum:Norm`, ...).
+    containers: Vec<String>,
     /// Checkpoint tensors consumed so far.
     used: BTreeSet<String>,
     /// Canonical names of parameters no tensor was found for.
@@ -97,8 +100,15 @@ struct Filler<'a> {
 }
 
 impl Filler<'_> {
+    /// Whether the parameter being visited is a [`Linear`](crate::nn::Linear) weight, which checkpoints store as
+    /// `[d_output, d_input]` and the layer keeps transposed.
+    fn at_linear_weight(&self) -> bool {
+        self.containers.last().is_some_and(|c| c == "Struct:Linear") && self.path.last().is_some_and(|n| n == "weight")
+    }
+
     fn load<const D: usize>(&mut self, expected: [usize; D]) -> Result<Option<Tensor<D>>> {
         let canonical = self.path.join(".");
+        let transpose = self.at_linear_weight();
         let Some(source) =
             layout::sources(self.layout, &canonical).into_iter().find(|s| self.files.get(&s.name).is_some())
         else {
@@ -107,6 +117,9 @@ impl Filler<'_> {
         };
         let entry = self.files.get(&source.name).expect("source was found above");
         let mut stored_expected = expected.to_vec();
+        if transpose {
+            stored_expected.reverse();
+        }
         stored_expected[0] *= source.parts;
         if entry.shape != stored_expected {
             return Err(Error::ShapeMismatch {
@@ -115,7 +128,7 @@ impl Filler<'_> {
                 found: entry.shape.clone(),
             });
         }
-        let data = self.files.read_rows(&source.name, source.part, source.parts, self.dtype)?;
+        let data = self.files.read_rows(&source.name, source.part, source.parts, self.dtype, transpose)?;
         if source.part + 1 == source.parts {
             self.progress.inc((data.num_elements() * source.parts) as u64 * entry_bytes(entry));
         }
@@ -133,6 +146,7 @@ fn entry_bytes(entry: &self::safetensors::TensorEntry) -> u64 {
 
 impl ModuleMapper for Filler<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
         // Enum variants (e.g. `Norm::LayerNorm`) are not part of checkpoint names.
         if !container_type.starts_with("Enum:") {
             self.path.push(name.to_string());
@@ -140,6 +154,7 @@ impl ModuleMapper for Filler<'_> {
     }
 
     fn exit_module(&mut self, _name: &str, container_type: &str) {
+        self.containers.pop();
         if !container_type.starts_with("Enum:") {
             self.path.pop();
         }

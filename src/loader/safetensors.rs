@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{FloatDType, TensorData};
+use burn::tensor::{Element, FloatDType, TensorData};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -119,8 +119,16 @@ impl WeightFiles {
     }
 
     /// Decodes rows `[part * n, (part + 1) * n)` of a tensor whose first dimension is split into
-    /// `parts` equal blocks (`part = 0, parts = 1` is the whole tensor), converted to `dtype`.
-    pub fn read_rows(&self, name: &str, part: usize, parts: usize, dtype: FloatDType) -> Result<TensorData> {
+    /// `parts` equal blocks (`part = 0, parts = 1` is the whole tensor), converted to `dtype`. With
+    /// `transpose`, the block (2-D) comes back with its two axes swapped.
+    pub fn read_rows(
+        &self,
+        name: &str,
+        part: usize,
+        parts: usize,
+        dtype: FloatDType,
+        transpose: bool,
+    ) -> Result<TensorData> {
         let entry = &self.tensors[name];
         let element = match entry.dtype {
             Dtype::F32 => 4,
@@ -135,13 +143,13 @@ impl WeightFiles {
             *rows /= parts;
         }
         debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * element);
-        Ok(decode(bytes, entry.dtype, dtype, shape))
+        Ok(decode(bytes, entry.dtype, dtype, shape, transpose))
     }
 }
 
-/// Little-endian bytes of `source` type -> a tensor of the device's float type. The only place
-/// weights change precision.
-fn decode(bytes: &[u8], source: Dtype, target: FloatDType, shape: Vec<usize>) -> TensorData {
+/// Little-endian bytes of `source` type -> a tensor of the device's float type (`shape`, or its
+/// transpose). The only place weights change precision.
+fn decode(bytes: &[u8], source: Dtype, target: FloatDType, shape: Vec<usize>, transpose: bool) -> TensorData {
     let halves = |bytes: &[u8]| bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect::<Vec<_>>();
     let as_f32 = |bytes: &[u8]| -> Vec<f32> {
         match source {
@@ -152,13 +160,63 @@ fn decode(bytes: &[u8], source: Dtype, target: FloatDType, shape: Vec<usize>) ->
     };
     match (target, source) {
         (FloatDType::BF16, Dtype::BF16) => {
-            TensorData::new(halves(bytes).into_iter().map(bf16::from_bits).collect(), shape)
+            tensor_data(halves(bytes).into_iter().map(bf16::from_bits).collect(), shape, transpose)
         }
         (FloatDType::F16, Dtype::F16) => {
-            TensorData::new(halves(bytes).into_iter().map(f16::from_bits).collect(), shape)
+            tensor_data(halves(bytes).into_iter().map(f16::from_bits).collect(), shape, transpose)
         }
-        (FloatDType::BF16, _) => TensorData::new(as_f32(bytes).into_iter().map(bf16::from_f32).collect(), shape),
-        (FloatDType::F16, _) => TensorData::new(as_f32(bytes).into_iter().map(f16::from_f32).collect(), shape),
-        _ => TensorData::new(as_f32(bytes), shape),
+        (FloatDType::BF16, _) => tensor_data(as_f32(bytes).into_iter().map(bf16::from_f32).collect(), shape, transpose),
+        (FloatDType::F16, _) => tensor_data(as_f32(bytes).into_iter().map(f16::from_f32).collect(), shape, transpose),
+        _ => tensor_data(as_f32(bytes), shape, transpose),
+    }
+}
+
+fn tensor_data<E: Element>(values: Vec<E>, shape: Vec<usize>, transpose: bool) -> TensorData {
+    if transpose { transposed(values, &shape) } else { TensorData::new(values, shape) }
+}
+
+/// A row-major `[rows, cols]` matrix as `[cols, rows]`, copied in square blocks that stay in cache.
+fn transposed<E: Element>(values: Vec<E>, shape: &[usize]) -> TensorData {
+    const BLOCK: usize = 64;
+    let [rows, cols] = [shape[0], shape[1]];
+    let mut out = values.clone();
+    for row_start in (0..rows).step_by(BLOCK) {
+        for col_start in (0..cols).step_by(BLOCK) {
+            for row in row_start..(row_start + BLOCK).min(rows) {
+                for col in col_start..(col_start + BLOCK).min(cols) {
+                    out[col * rows + row] = values[row * cols + col];
+                }
+            }
+        }
+    }
+    TensorData::new(out, [cols, rows])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposed_swaps_axes_across_block_edges() {
+        // 70 x 130 spans partial blocks on both axes.
+        let (rows, cols) = (70, 130);
+        let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let data = transposed(values, &[rows, cols]);
+        assert_eq!(data.shape().to_vec(), vec![cols, rows]);
+        let out = data.as_slice::<f32>().unwrap();
+        for row in 0..rows {
+            for col in 0..cols {
+                assert_eq!(out[col * rows + row], (row * cols + col) as f32, "({row}, {col})");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_transposes_in_the_target_type() {
+        let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data = decode(&bytes, Dtype::F32, FloatDType::BF16, vec![2, 3], true);
+        let expected: Vec<bf16> = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0].map(bf16::from_f32).to_vec();
+        assert_eq!(data.as_slice::<bf16>().unwrap(), expected.as_slice());
+        assert_eq!(data.shape().to_vec(), vec![3, 2]);
     }
 }

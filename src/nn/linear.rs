@@ -1,5 +1,6 @@
-//! A linear layer that stores its weight as PyTorch does (`[d_output, d_input]`), so checkpoint
-//! tensors load without a transpose.
+//! A linear layer with its weight stored `[d_input, d_output]`, contiguous: the layout matmuls
+//! read fastest (on the CPU backend a transposed view costs ~5x per decode step). Checkpoints
+//! store PyTorch's `[d_output, d_input]`; the loader transposes once, at load.
 
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{Device, Tensor};
@@ -25,16 +26,17 @@ impl LinearConfig {
     /// which the weight loader replaces.
     pub fn init(&self, device: &Device) -> Linear {
         Linear {
-            weight: Initializer::Zeros.init([self.d_output, self.d_input], device),
+            weight: Initializer::Zeros.init([self.d_input, self.d_output], device),
             bias: self.bias.then(|| Initializer::Zeros.init([self.d_output], device)),
         }
     }
 }
 
-/// `y = x W^T + b`, with `W` of shape `[d_output, d_input]` (PyTorch's `nn.Linear`).
+/// `y = x W + b` (PyTorch's `nn.Linear`, whose `[d_output, d_input]` weight is stored here
+/// transposed).
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// Weight, `[d_output, d_input]`.
+    /// Weight, `[d_input, d_output]`.
     pub weight: Param<Tensor<2>>,
     /// Optional bias, `[d_output]`.
     pub bias: Option<Param<Tensor<1>>>,
@@ -45,6 +47,6 @@ impl Linear {
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(input, self.weight.val().transpose(), self.bias.as_ref().map(|bias| bias.val()))
+        burn::tensor::module::linear(input, self.weight.val(), self.bias.as_ref().map(|bias| bias.val()))
     }
 }
