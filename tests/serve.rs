@@ -90,7 +90,6 @@ fn expected_with(vlm: &vlm::Vlm, question: &str, images: &[&str]) -> String {
     vlm.generate(&messages, &config).unwrap().text
 }
 
-/// Appends a content part to the first message of a request.
 /// POSTs `body` over a plain socket in 64 KiB pieces, then reads the whole answer: how a client
 /// uploading a large body over a slow link sees the server.
 fn post_in_pieces(server: &Server, body: &str) -> (u16, Value) {
@@ -113,6 +112,7 @@ fn post_in_pieces(server: &Server, body: &str) -> (u16, Value) {
     (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")))
 }
 
+/// Appends a content part to the first message of a request.
 fn push_part(request: &mut Value, part: Value) {
     request["messages"][0]["content"].as_array_mut().unwrap().push(part);
 }
