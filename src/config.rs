@@ -19,6 +19,10 @@ use crate::projector::{PixelShuffleVersion, ProjectorConfig};
 use crate::text::TextConfig;
 use crate::vision::InternVitConfig;
 
+/// The longest context a configuration may declare (`max_position_embeddings`): 16M tokens, beyond
+/// any published checkpoint; a larger value is a corrupt file.
+pub const MAX_CONTEXT: usize = 1 << 24;
+
 /// How tensors are named in a checkpoint's safetensors files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointLayout {
@@ -144,6 +148,21 @@ impl CheckpointConfig {
         }
         if t.vocab_size == 0 || t.hidden_size == 0 || t.num_hidden_layers == 0 {
             return invalid("text vocab_size, hidden_size and num_hidden_layers must be positive".into());
+        }
+        let positive = [
+            ("vision_config.layer_norm_eps", v.layer_norm_eps),
+            ("rms_norm_eps", t.rms_norm_eps),
+            ("rope_theta", t.rope_theta),
+            ("projector layer_norm_eps", self.model.projector.layer_norm_eps),
+        ];
+        if let Some((name, value)) = positive.iter().find(|(_, value)| !(value.is_finite() && *value > 0.0)) {
+            return invalid(format!("{name} must be a finite number > 0, got {value}"));
+        }
+        if t.max_position_embeddings == 0 || t.max_position_embeddings > MAX_CONTEXT {
+            return invalid(format!(
+                "max_position_embeddings {} is outside 1..={MAX_CONTEXT}",
+                t.max_position_embeddings
+            ));
         }
         let layers = v.num_hidden_layers as i64;
         let select = self.model.select_layer;
@@ -721,6 +740,27 @@ mod tests {
         ))
         .unwrap_err();
         assert!(error.to_string().contains("dynamic"), "{error}");
+    }
+
+    #[test]
+    fn degenerate_epsilons_and_rope_theta_are_refused() {
+        for (field, value) in
+            [("rms_norm_eps", "-1"), ("rms_norm_eps", "0"), ("rope_theta", "-5"), ("max_position_embeddings", "0")]
+        {
+            let error = parse(&format!(
+                r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION},
+                "text_config": {{"hidden_size": 64, "num_attention_heads": 4, "{field}": {value}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(matches!(&error, Error::Config { message, .. } if message.contains(field)), "{field}: {error}");
+        }
+        let vision = HF_VISION.replace("\"patch_size\": 14", "\"patch_size\": 14, \"layer_norm_eps\": -0.1");
+        let error = parse(&format!(
+            r#"{{"architectures": ["InternVLForConditionalGeneration"], {vision},
+            "text_config": {{"hidden_size": 64, "num_attention_heads": 4}}}}"#
+        ))
+        .unwrap_err();
+        assert!(matches!(&error, Error::Config { message, .. } if message.contains("layer_norm_eps")), "{error}");
     }
 
     #[test]

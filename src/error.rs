@@ -178,6 +178,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A forward pass produced NaN or infinite values: broken weights, a degenerate configuration
+    /// value that slipped through, or an overflow in a low-precision dtype.
+    #[error("the {stage} produced non-finite values (NaN or infinity); check the weights and the configuration")]
+    NonFinite {
+        /// The first stage found non-finite (`"vision tower and projector"`, `"decoder logits"`).
+        stage: &'static str,
+    },
+
     /// The sequence would not fit in the model's context or the KV cache.
     #[error("sequence of {requested} tokens exceeds the limit of {limit} tokens")]
     ContextOverflow {

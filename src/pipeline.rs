@@ -48,7 +48,11 @@ impl Vlm {
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
         let (checkpoint, model) = load_internvl(dir, device)?;
         let processor = Processor::from_dir(dir, &checkpoint)?;
-        let defaults = GenerationDefaults::from_dir(dir)?;
+        let mut defaults = GenerationDefaults::from_dir(dir)?;
+        if defaults.eos_token_id.is_empty() {
+            // Without it generation would run past the end of the answer to max_new_tokens.
+            defaults.eos_token_id = processor.end_of_turn_token_ids();
+        }
         Ok(Self { dir: dir.to_path_buf(), checkpoint, model, processor, defaults })
     }
 

@@ -53,6 +53,12 @@ pub struct ProjectorConfig {
 }
 
 impl ProjectorConfig {
+    /// A lower bound of the parameter count (the two matrices), in saturating arithmetic.
+    pub fn min_parameters(&self) -> u128 {
+        let (input, hidden, output) = (self.input_size as u128, self.hidden_size as u128, self.output_size as u128);
+        input.saturating_mul(hidden).saturating_add(hidden.saturating_mul(output))
+    }
+
     /// Creates the projector (parameters filled by the loader).
     pub fn init(&self, device: &Device) -> MultiModalProjector {
         MultiModalProjector {

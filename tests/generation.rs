@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use common::{Reference, model_dir};
+use common::{Reference, Scratch, model_dir};
 use vlm::generation::{GenerationDefaults, Generator};
 use vlm::processing::{Encoding, ImageTiles};
 use vlm::{GenerationConfig, Image, Message, StopReason, Vlm};
@@ -71,12 +71,16 @@ fn greedy_with_cache_equals_greedy_without_cache() {
     let config = greedy(10).eos_token_ids(vec![]);
     let cached = vlm.generate(&conversation(), &config).unwrap().token_ids;
 
-    // Without reuse: every token from a full forward pass over the whole sequence.
     let encoding = vlm.encode(&conversation(), &config).unwrap();
+    assert_eq!(cached, greedy_without_cache(&vlm, &encoding, 10));
+}
+
+/// Greedy tokens without reuse: every token from a full forward pass over the whole sequence.
+fn greedy_without_cache(vlm: &Vlm, encoding: &Encoding, steps: usize) -> Vec<u32> {
     let device = vlm.model().language_model.device();
     let mut ids = encoding.input_ids.clone();
     let mut recomputed = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..steps {
         let inputs =
             vlm::models::ModelInputs { input_ids: vec![ids.clone()], pixel_values: encoding.pixel_values(&device) };
         let mut cache = vlm.model().new_cache(1, ids.len());
@@ -87,7 +91,165 @@ fn greedy_with_cache_equals_greedy_without_cache() {
         recomputed.push(next);
         ids.push(next);
     }
-    assert_eq!(cached, recomputed);
+    recomputed
+}
+
+fn four_conversations() -> Vec<Vec<Message>> {
+    vec![
+        vec![Message::user().image(image("wide.png")).text("What is in this image?")],
+        vec![Message::user().text("Describe a cat.")],
+        vec![
+            Message::system().text("Be brief."),
+            Message::user().image(image("tiny.png")).image(image("square.png")).text("Compare the two."),
+        ],
+        vec![Message::user().text("Hi")],
+    ]
+}
+
+#[test]
+fn left_padded_batch_with_cache_equals_recompute_without_cache() {
+    let vlm = vlm("internvl3-hf");
+    let config = greedy(6).eos_token_ids(vec![]);
+    let conversations = four_conversations();
+    let batch = vlm.generate_batch(&conversations, &config).unwrap();
+    let lengths: Vec<usize> = batch.iter().map(|out| out.prompt_tokens).collect();
+    assert!(lengths.iter().any(|&len| len != lengths[0]), "the batch needs padding: {lengths:?}");
+    for (conversation, batched) in conversations.iter().zip(&batch) {
+        let encoding = vlm.encode(conversation, &config).unwrap();
+        assert_eq!(batched.token_ids, greedy_without_cache(&vlm, &encoding, 6));
+    }
+}
+
+#[test]
+fn finished_rows_leave_the_batch_and_the_others_go_on_alone() {
+    let vlm = vlm("internvl3-hf");
+    let conversations = four_conversations();
+    let encodings: Vec<Encoding> = conversations.iter().map(|c| vlm.encode(c, &greedy(1)).unwrap()).collect();
+    let configs: Vec<GenerationConfig> =
+        [2, 9, 4, 9].into_iter().map(|tokens| greedy(tokens).eos_token_ids(vec![])).collect();
+    let defaults = GenerationDefaults::default();
+    let tokenizer = vlm.processor().tokenizer();
+    let mut generator =
+        Generator::new(vlm.model(), tokenizer, &encodings, &configs, &defaults, Instant::now()).unwrap();
+    let mut batch_sizes = Vec::new();
+    while !generator.is_finished() {
+        generator.step().unwrap();
+        batch_sizes.push(generator.batch_rows());
+    }
+    assert_eq!(batch_sizes, vec![4, 3, 3, 2, 2, 2, 2, 2, 0]);
+    for (row, (encoding, config)) in encodings.iter().zip(&configs).enumerate() {
+        let alone = Generator::new(
+            vlm.model(),
+            tokenizer,
+            std::slice::from_ref(encoding),
+            std::slice::from_ref(config),
+            &defaults,
+            Instant::now(),
+        )
+        .unwrap()
+        .finish()
+        .unwrap()
+        .remove(0);
+        assert_eq!(generator.generation(row).token_ids, alone.token_ids, "row {row}");
+    }
+}
+
+#[test]
+fn padding_does_not_count_against_a_short_prompts_context() {
+    let conversations = vec![conversation(), vec![Message::user().text("Describe a cat.")]];
+    let long = vlm("internvl3-hf").encode(&conversations[0], &greedy(1)).unwrap().input_ids.len();
+    let scratch = Scratch::of("internvl3-hf");
+    scratch.edit_json("config.json", |config| config["text_config"]["max_position_embeddings"] = (long + 3).into());
+    let vlm = Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).unwrap();
+    let config = greedy(10).eos_token_ids(vec![]);
+    let batch = vlm.generate_batch(&conversations, &config).unwrap();
+    assert_eq!((batch[0].token_ids.len(), &batch[0].stop_reason), (3, &StopReason::ContextFull));
+    let alone = vlm.generate(&conversations[1], &config).unwrap();
+    assert_eq!(alone.stop_reason, StopReason::MaxNewTokens);
+    assert_eq!(batch[1].token_ids, alone.token_ids);
+    assert_eq!(batch[1].stop_reason, alone.stop_reason);
+}
+
+#[test]
+fn unseeded_sampling_differs_between_calls() {
+    let vlm = vlm("internvl3-hf");
+    let config = GenerationConfig::default().temperature(1.0).top_k(0).max_new_tokens(12).eos_token_ids(vec![]);
+    let first = vlm.generate(&conversation(), &config).unwrap().token_ids;
+    let second = vlm.generate(&conversation(), &config).unwrap().token_ids;
+    assert_ne!(first, second, "two unseeded runs drew the same 12 tokens from a 410-token vocabulary");
+}
+
+#[test]
+fn nan_weights_are_an_error_naming_the_stage() {
+    for (tensor, stage) in [
+        ("language_model.model.norm.weight", "decoder logits"),
+        ("multi_modal_projector.linear_2.bias", "vision tower and projector"),
+    ] {
+        let scratch = Scratch::of("internvl3-hf");
+        scratch.edit_floats(tensor, |_, values| values[0] = f32::NAN);
+        let vlm = Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).unwrap();
+        let error = vlm.generate(&conversation(), &greedy(4)).unwrap_err();
+        assert!(matches!(error, vlm::Error::NonFinite { stage: got } if got == stage), "{tensor}: {error}");
+    }
+}
+
+#[test]
+fn checkpoint_eos_stops_generation_by_default() {
+    let free = vlm("internvl3-hf").generate(&conversation(), &greedy(8).eos_token_ids(vec![])).unwrap();
+    let eos = free.token_ids[3];
+    let first = free.token_ids.iter().position(|&t| t == eos).unwrap();
+    let scratch = Scratch::of("internvl3-hf");
+    scratch.edit_json("generation_config.json", |config| config["eos_token_id"] = eos.into());
+    let vlm = Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).unwrap();
+    let stopped = vlm.generate(&conversation(), &greedy(8)).unwrap();
+    assert_eq!(stopped.stop_reason, StopReason::Eos);
+    assert_eq!(stopped.token_ids, free.token_ids[..=first]);
+}
+
+/// A copy of the untied-lm_head fixture whose output row for `token` is twice that of the token
+/// the model picks at step 2, so the model emits `token` within three steps.
+fn emitting(token: &str) -> (Scratch, u32) {
+    let free = vlm("internvl2-llama-untied").generate(&conversation(), &greedy(3).eos_token_ids(vec![])).unwrap();
+    let scratch = Scratch::of("internvl2-llama-untied");
+    let id = vlm("internvl2-llama-untied").processor().tokenizer().token_id(token).unwrap();
+    let picked = free.token_ids[2] as usize;
+    scratch.edit_floats("language_model.lm_head.weight", |shape, rows| {
+        let width = shape[1];
+        for i in 0..width {
+            rows[id as usize * width + i] = 2.0 * rows[picked * width + i];
+        }
+    });
+    (scratch, id)
+}
+
+#[test]
+fn without_generation_config_the_templates_end_of_turn_token_stops_generation() {
+    let (scratch, im_end) = emitting("<|im_end|>");
+    std::fs::remove_file(scratch.path("generation_config.json")).unwrap();
+    let vlm = Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).unwrap();
+    assert!(vlm.generation_defaults().eos_token_id.contains(&im_end));
+    let free = vlm.generate(&conversation(), &greedy(8).eos_token_ids(vec![])).unwrap();
+    let first = free.token_ids.iter().position(|&t| t == im_end).expect("the edited model emits <|im_end|>");
+    let stopped = vlm.generate(&conversation(), &greedy(8)).unwrap();
+    assert_eq!(stopped.stop_reason, StopReason::Eos);
+    assert_eq!(stopped.token_ids, free.token_ids[..=first]);
+    // The transformers-layout template (structured content) ends its turns the same way.
+    let scratch = Scratch::of("internvl3-hf");
+    std::fs::remove_file(scratch.path("generation_config.json")).unwrap();
+    let vlm = Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).unwrap();
+    assert!(vlm.generation_defaults().eos_token_id.contains(&im_end));
+}
+
+#[test]
+fn a_stop_string_that_is_a_special_token_stops_generation() {
+    let (scratch, im_end) = emitting("<|im_end|>");
+    let vlm = Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).unwrap();
+    let free = vlm.generate(&conversation(), &greedy(8).eos_token_ids(vec![])).unwrap();
+    let first = free.token_ids.iter().position(|&t| t == im_end).expect("the edited model emits <|im_end|>");
+    let stopped = vlm.generate(&conversation(), &greedy(8).eos_token_ids(vec![]).stop("<|im_end|>")).unwrap();
+    assert_eq!(stopped.stop_reason, StopReason::StopString("<|im_end|>".into()));
+    assert_eq!(stopped.token_ids, free.token_ids[..=first]);
+    assert_eq!(stopped.text, vlm.processor().tokenizer().decode(&free.token_ids[..first], true).unwrap());
 }
 
 #[test]
@@ -157,9 +319,14 @@ fn stop_string_ends_the_text_before_it() {
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = free.text.find(&stop).unwrap();
     let stopped = vlm.generate(&conversation(), &greedy(16).eos_token_ids(vec![]).stop(stop.clone())).unwrap();
-    assert_eq!(stopped.stop_reason, StopReason::StopString(stop));
+    assert_eq!(stopped.stop_reason, StopReason::StopString(stop.clone()));
     assert_eq!(stopped.text, free.text[..cut]);
-    assert!(stopped.token_ids.len() <= free.token_ids.len());
+    // The ids are the shortest prefix of the free run whose text holds the stop string.
+    let ids = &stopped.token_ids;
+    assert_eq!(ids[..], free.token_ids[..ids.len()]);
+    let tokenizer = vlm.processor().tokenizer();
+    assert!(tokenizer.decode(ids, true).unwrap().contains(&stop));
+    assert!(!tokenizer.decode(&ids[..ids.len() - 1], true).unwrap().contains(&stop));
 }
 
 #[test]

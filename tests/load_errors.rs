@@ -2,57 +2,18 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::model_dir;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use common::Scratch;
+use safetensors::Dtype;
 use vlm::Error;
 use vlm::loader::load_internvl;
 
-/// A scratch copy of a fixture checkpoint that a test can break.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
-impl Scratch {
-    fn of(fixture: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(model_dir(fixture)).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-        Self { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    /// Rewrites `model.safetensors` after letting `edit` change its tensors.
-    fn edit_weights(&self, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) {
-        let bytes = std::fs::read(self.path("model.safetensors")).unwrap();
-        let file = SafeTensors::deserialize(&bytes).unwrap();
-        let mut tensors: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = file
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
-            .collect();
-        edit(&mut tensors);
-        let views: Vec<(String, TensorView)> = tensors
-            .iter()
-            .map(|(name, (dtype, shape, data))| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
-            .collect();
-        let out = safetensors::serialize(views, None).unwrap();
-        std::fs::write(self.path("model.safetensors"), out).unwrap();
-    }
-
-    fn load(&self) -> Error {
-        match load_internvl(self.dir.path(), &vlm::device::cpu()) {
-            Ok(_) => panic!("loading {} should fail", self.dir.path().display()),
-            Err(error) => error,
-        }
+/// Loads a broken scratch checkpoint, which must fail.
+fn load_error(scratch: &Scratch) -> Error {
+    match load_internvl(scratch.dir.path(), &vlm::device::cpu()) {
+        Ok(_) => panic!("loading {} should fail", scratch.dir.path().display()),
+        Err(error) => error,
     }
 }
 
@@ -67,7 +28,7 @@ fn truncated_safetensors_is_a_corrupt_file_error() {
     let scratch = Scratch::of("internvl3-hf");
     let bytes = std::fs::read(scratch.path("model.safetensors")).unwrap();
     std::fs::write(scratch.path("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let error = scratch.load();
+    let error = load_error(&scratch);
     assert!(matches!(&error, Error::Safetensors { path, .. } if path.ends_with("model.safetensors")), "{error}");
     assert!(error.to_string().starts_with("corrupt safetensors file"), "{error}");
 }
@@ -78,7 +39,7 @@ fn garbage_header_is_a_corrupt_file_error() {
     let mut bytes = 64u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(&[b'{'; 64]);
     std::fs::write(scratch.path("model.safetensors"), bytes).unwrap();
-    assert!(matches!(scratch.load(), Error::Safetensors { .. }));
+    assert!(matches!(load_error(&scratch), Error::Safetensors { .. }));
 }
 
 #[test]
@@ -87,7 +48,7 @@ fn missing_tensor_is_named() {
     scratch.edit_weights(|tensors| {
         tensors.remove(NORM);
     });
-    match scratch.load() {
+    match load_error(&scratch) {
         Error::Weights { missing, unused } => {
             assert_eq!(missing, vec!["language_model.norm.weight".to_string()]);
             assert!(unused.is_empty());
@@ -102,7 +63,7 @@ fn unexpected_tensor_is_named() {
     scratch.edit_weights(|tensors| {
         tensors.insert("vision_tower.extra.weight".into(), (Dtype::F32, vec![2], floats(&[1.0, 2.0])));
     });
-    let error = scratch.load();
+    let error = load_error(&scratch);
     match &error {
         Error::Weights { missing, unused } => {
             assert!(missing.is_empty());
@@ -119,7 +80,7 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
     scratch.edit_weights(|tensors| {
         tensors.insert(NORM.into(), (Dtype::F32, vec![3], floats(&[1.0, 2.0, 3.0])));
     });
-    match scratch.load() {
+    match load_error(&scratch) {
         Error::ShapeMismatch { name, expected, found } => {
             assert_eq!(name, NORM);
             assert_eq!(expected, vec![64]);
@@ -136,7 +97,7 @@ fn fused_qkv_of_the_wrong_height_is_a_shape_error() {
     scratch.edit_weights(|tensors| {
         tensors.insert(name.into(), (Dtype::F32, vec![4], floats(&[0.0; 4])));
     });
-    match scratch.load() {
+    match load_error(&scratch) {
         Error::ShapeMismatch { name: got, expected, found } => {
             assert_eq!(got, name);
             assert_eq!((expected, found), (vec![96], vec![4]));
@@ -152,14 +113,14 @@ fn integer_weights_are_an_unsupported_dtype_error() {
         let ints: Vec<u8> = (0..64i32).flat_map(|v| v.to_le_bytes()).collect();
         tensors.insert(NORM.into(), (Dtype::I32, vec![64], ints));
     });
-    assert!(matches!(scratch.load(), Error::UnsupportedDtype { name, .. } if name == NORM));
+    assert!(matches!(load_error(&scratch), Error::UnsupportedDtype { name, .. } if name == NORM));
 }
 
 #[test]
 fn malformed_config_json_is_a_json_error_with_its_path() {
     let scratch = Scratch::of("internvl3-hf");
     std::fs::write(scratch.path("config.json"), "{\"architectures\": [\"InternVLForConditionalGeneration\"],").unwrap();
-    let error = scratch.load();
+    let error = load_error(&scratch);
     assert!(matches!(&error, Error::Json { path, .. } if path.ends_with("config.json")), "{error}");
     assert!(error.to_string().contains("config.json"), "{error}");
 }
@@ -170,7 +131,7 @@ fn config_with_a_wrongly_typed_field_is_a_json_error() {
     let text = std::fs::read_to_string(scratch.path("config.json")).unwrap();
     let text = text.replacen("\"num_hidden_layers\": 3", "\"num_hidden_layers\": \"three\"", 1);
     std::fs::write(scratch.path("config.json"), text).unwrap();
-    let error = scratch.load();
+    let error = load_error(&scratch);
     assert!(matches!(&error, Error::Json { .. }), "{error}");
     assert!(error.to_string().contains("invalid type"), "{error}");
 }
@@ -179,7 +140,7 @@ fn config_with_a_wrongly_typed_field_is_a_json_error() {
 fn unknown_architecture_lists_the_supported_ones() {
     let scratch = Scratch::of("internvl3-hf");
     std::fs::write(scratch.path("config.json"), r#"{"architectures": ["GPT2LMHeadModel"]}"#).unwrap();
-    let error = scratch.load();
+    let error = load_error(&scratch);
     assert!(matches!(&error, Error::UnsupportedArchitecture { .. }), "{error}");
     assert!(error.to_string().contains("InternVLChatModel"), "{error}");
 }
@@ -190,14 +151,14 @@ fn inconsistent_config_is_a_config_error() {
     let text = std::fs::read_to_string(scratch.path("config.json")).unwrap();
     let text = text.replacen("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", 1);
     std::fs::write(scratch.path("config.json"), text).unwrap();
-    assert!(matches!(scratch.load(), Error::Config { message, .. } if message.contains("num_key_value_heads")));
+    assert!(matches!(load_error(&scratch), Error::Config { message, .. } if message.contains("num_key_value_heads")));
 }
 
 #[test]
 fn missing_weights_file_is_an_io_error_naming_it() {
     let scratch = Scratch::of("internvl3-hf");
     std::fs::remove_file(scratch.path("model.safetensors")).unwrap();
-    let error = scratch.load();
+    let error = load_error(&scratch);
     assert!(matches!(&error, Error::Io { path, .. } if path.ends_with("model.safetensors")), "{error}");
 }
 
@@ -210,7 +171,7 @@ fn shard_missing_from_disk_is_an_io_error_naming_it() {
         .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("model-00002"))
         .unwrap();
     std::fs::remove_file(&shard).unwrap();
-    let error = scratch.load();
+    let error = load_error(&scratch);
     assert!(matches!(&error, Error::Io { path, .. } if path == &shard), "{error}");
 }
 
@@ -218,4 +179,71 @@ fn shard_missing_from_disk_is_an_io_error_naming_it() {
 fn missing_config_is_an_io_error() {
     let error = load_internvl(Path::new("/nonexistent/checkpoint"), &vlm::device::cpu()).err().unwrap();
     assert!(matches!(error, Error::Io { .. }));
+}
+
+#[test]
+fn a_config_far_bigger_than_its_weights_is_refused_before_allocating() {
+    // hidden_size 10^12 used to abort the process allocating 500 GB inside the decoder's init.
+    for (field, value) in [
+        ("hidden_size", 1_000_000_000_000u64),
+        ("intermediate_size", 1_000_000_000_000),
+        ("num_hidden_layers", 1_000_000_000_000),
+        ("vocab_size", 1 << 40),
+        ("head_dim", 1 << 40),
+    ] {
+        let scratch = Scratch::of("internvl3-hf");
+        scratch.edit_json("config.json", |config| config["text_config"][field] = value.into());
+        let error = load_error(&scratch);
+        assert!(matches!(&error, Error::Config { .. }), "{field}: {error}");
+    }
+    let scratch = Scratch::of("internvl3-hf");
+    scratch.edit_json("config.json", |config| config["vision_config"]["image_size"] = [1 << 30, 1 << 30].into());
+    assert!(matches!(load_error(&scratch), Error::Config { .. }));
+}
+
+#[test]
+fn negative_epsilon_in_config_is_a_config_error() {
+    let scratch = Scratch::of("internvl3-hf");
+    scratch.edit_json("config.json", |config| config["text_config"]["rms_norm_eps"] = (-1.0).into());
+    assert!(matches!(load_error(&scratch), Error::Config { message, .. } if message.contains("rms_norm_eps")));
+}
+
+#[test]
+fn zero_image_std_is_a_config_error() {
+    let scratch = Scratch::of("internvl3-hf");
+    scratch.edit_json("preprocessor_config.json", |config| config["image_std"] = serde_json::json!([0.0, 0.0, 0.0]));
+    let error = vlm::Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).err().expect("must fail");
+    assert!(matches!(&error, Error::Config { message, .. } if message.contains("image_std")), "{error}");
+}
+
+#[test]
+fn out_of_range_generation_config_is_a_config_error() {
+    let scratch = Scratch::of("internvl3-hf");
+    scratch.edit_json("generation_config.json", |config| config["top_p"] = 5.0.into());
+    let error = vlm::Vlm::from_dir(scratch.dir.path(), &vlm::device::cpu()).err().expect("must fail");
+    assert!(matches!(&error, Error::Config { path, .. } if path.ends_with("generation_config.json")), "{error}");
+}
+
+#[test]
+fn shard_index_pointing_outside_the_checkpoint_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let scratch = Scratch::of("internvl3-hf-sharded");
+    // A complete checkpoint one level up, which the index must not be able to reach.
+    let first = std::fs::read_dir(scratch.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("model-00001"))
+        .unwrap();
+    std::fs::copy(&first, outside.path().join("x.safetensors")).unwrap();
+    // Both are in the temporary directory, so this resolves to the copy.
+    let escape = format!("../{}/x.safetensors", outside.path().file_name().unwrap().to_str().unwrap());
+    scratch.edit_json("model.safetensors.index.json", |index| {
+        for shard in index["weight_map"].as_object_mut().unwrap().values_mut() {
+            if shard.as_str().unwrap().starts_with("model-00001") {
+                *shard = escape.clone().into();
+            }
+        }
+    });
+    let error = load_error(&scratch);
+    assert!(matches!(&error, Error::Safetensors { reason, .. } if reason.contains("inside the checkpoint")), "{error}");
 }

@@ -221,3 +221,17 @@ fn float16_checkpoint_loads_as_rounded_weights() {
     let error = relative_error(model.forward(&inputs, &mut cache).unwrap(), &reference.floats("logits"));
     assert!(error < 1e-2, "float16 weights: logits relative error {error:e}");
 }
+
+#[test]
+fn relative_error_fails_on_any_non_finite_value() {
+    let expected = [1.0, -2.0, 0.5];
+    assert_eq!(common::relative_error_of(&expected, &expected), 0.0);
+    assert!((common::relative_error_of(&[1.0, -2.0, 0.6], &expected) - 0.05).abs() < 1e-6);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let error = common::relative_error_of(&[bad; 3], &expected);
+        assert!(error > TOLERANCE, "all-{bad} output passed with error {error}");
+        let error = common::relative_error_of(&[1.0, bad, 0.5], &expected);
+        assert!(error > TOLERANCE, "one {bad} passed with error {error}");
+        assert!(common::relative_error_of(&expected, &[bad; 3]) > TOLERANCE, "a {bad} reference passed");
+    }
+}

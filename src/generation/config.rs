@@ -180,7 +180,24 @@ impl GenerationDefaults {
             return Ok(Self::default());
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text).map_err(|source| Error::Json { path, source })
+        let defaults: Self =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+        defaults.validate(&path)?;
+        Ok(defaults)
+    }
+
+    /// Checks the values as [`GenerationConfig::validate`] checks a caller's.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let settings = GenerationConfig {
+            temperature: Some(self.temperature),
+            top_p: Some(self.top_p),
+            repetition_penalty: Some(self.repetition_penalty),
+            ..GenerationConfig::default()
+        };
+        settings.validate().map_err(|error| match error {
+            Error::Input(message) => Error::config(path, message),
+            other => other,
+        })
     }
 }
 
@@ -194,6 +211,18 @@ mod tests {
         assert_eq!((one.eos_token_id, one.do_sample, one.top_k), (vec![7], true, 50));
         let many: GenerationDefaults = serde_json::from_str(r#"{"eos_token_id": [7, 8]}"#).unwrap();
         assert_eq!(many.eos_token_id, vec![7, 8]);
+    }
+
+    #[test]
+    fn out_of_range_values_in_generation_config_json_are_config_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [r#"{"temperature": -1}"#, r#"{"top_p": 5}"#, r#"{"top_p": 0}"#, r#"{"repetition_penalty": 0}"#] {
+            std::fs::write(dir.path().join("generation_config.json"), bad).unwrap();
+            let error = GenerationDefaults::from_dir(dir.path()).unwrap_err();
+            assert!(matches!(error, Error::Config { .. }), "{bad}: {error}");
+        }
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"temperature": 0.7, "top_p": 0.8}"#).unwrap();
+        assert_eq!(GenerationDefaults::from_dir(dir.path()).unwrap().top_p, 0.8);
     }
 
     #[test]

@@ -104,6 +104,9 @@ struct Row {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopStrings,
+    /// Stop strings that are single special tokens (`"<|im_end|>"`): decoded text never shows
+    /// them, so they are matched as token ids.
+    stop_tokens: Vec<(u32, String)>,
     eos: Vec<u32>,
     max_new_tokens: usize,
     stopped: Option<StopReason>,
@@ -115,8 +118,12 @@ pub struct Generator<'a> {
     tokenizer: &'a Tokenizer,
     cache: KvCache,
     rows: Vec<Row>,
-    /// The last position's logits of every row, on the host.
+    /// Which row each batch row of the cache holds: rows that stop leave the batch.
+    running: Vec<usize>,
+    /// The last position's logits of each row in `running`, on the host.
     logits: Vec<Vec<f32>>,
+    /// Longest sequence (prompt and generated tokens, padding not counted) the model takes.
+    context: usize,
     pad: u32,
     started: Instant,
     timings: Timings,
@@ -164,8 +171,10 @@ impl<'a> Generator<'a> {
         if longest >= context {
             return Err(Error::ContextOverflow { requested: longest + 1, limit: context });
         }
-        let capacity = (longest + max_new_tokens).min(context);
         let padding: Vec<usize> = prompts.iter().map(|p| longest - p.input_ids.len()).collect();
+        // Each row may grow to the context on its own; its padding comes on top.
+        let most_padding = padding.iter().copied().max().unwrap_or(0);
+        let capacity = (longest + max_new_tokens).min(context + most_padding);
         let input_ids: Vec<Vec<u32>> = prompts
             .iter()
             .zip(&padding)
@@ -189,7 +198,14 @@ impl<'a> Generator<'a> {
                 prompt_tokens: p.input_ids.len(),
                 sampler: Sampler::new(config, defaults),
                 decoder: IncrementalDecoder::new(),
-                stops: StopStrings::new(config.stop.clone()),
+                stops: StopStrings::new(
+                    config.stop.iter().filter(|stop| special_token(tokenizer, stop).is_none()).cloned().collect(),
+                ),
+                stop_tokens: config
+                    .stop
+                    .iter()
+                    .filter_map(|stop| special_token(tokenizer, stop).map(|id| (id, stop.clone())))
+                    .collect(),
                 eos: config.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_id.clone()),
                 max_new_tokens: max_new(config),
                 stopped: (max_new(config) == 0).then_some(StopReason::MaxNewTokens),
@@ -200,7 +216,22 @@ impl<'a> Generator<'a> {
             prefill_tokens: prompts.iter().map(|p| p.input_ids.len()).sum(),
             ..Timings::default()
         };
-        Ok(Self { model, tokenizer, cache, rows, logits, pad, started, timings, first_token_at: None })
+        let running = (0..prompts.len()).collect();
+        let mut generator = Self {
+            model,
+            tokenizer,
+            cache,
+            rows,
+            running,
+            logits,
+            context,
+            pad,
+            started,
+            timings,
+            first_token_at: None,
+        };
+        generator.release_finished_rows()?;
+        Ok(generator)
     }
 
     /// Whether every sequence has stopped.
@@ -216,6 +247,11 @@ impl<'a> Generator<'a> {
     /// Whether the batch is empty (never: construction needs a prompt).
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Sequences still in the batch the decoder runs (finished ones leave it).
+    pub fn batch_rows(&self) -> usize {
+        if self.is_finished() { 0 } else { self.running.len() }
     }
 
     /// Whether sequence `row` has stopped.
@@ -249,23 +285,34 @@ impl<'a> Generator<'a> {
         if self.is_finished() {
             return Ok(deltas);
         }
-        for (index, row) in self.rows.iter_mut().enumerate() {
+        for (slot, &index) in self.running.iter().enumerate() {
+            let row = &mut self.rows[index];
             if row.stopped.is_some() {
-                continue;
+                continue; // cancelled since the last step
             }
-            let token = row.sampler.next_token(&mut self.logits[index], &row.tokens);
+            let logits = &mut self.logits[slot];
+            if !logits.iter().all(|value| value.is_finite()) {
+                return Err(Error::NonFinite { stage: "decoder logits" });
+            }
+            let token = row.sampler.next_token(logits, &row.tokens);
             row.tokens.push(token);
             let generated = row.tokens.len() - row.prompt_tokens;
             let mut delta = String::new();
             if row.eos.contains(&token) {
                 row.stopped = Some(StopReason::Eos);
+            } else if let Some((_, stop)) = row.stop_tokens.iter().find(|(id, _)| *id == token) {
+                row.stopped = Some(StopReason::StopString(stop.clone()));
             } else if let Some(text) = row.decoder.push(self.tokenizer, token)? {
                 append(row, &text, &mut delta);
+                if let Some(StopReason::StopString(stop)) = &row.stopped {
+                    let needed = tokens_through_stop(self.tokenizer, &row.tokens[row.prompt_tokens..], stop)?;
+                    row.tokens.truncate(row.prompt_tokens + needed);
+                }
             }
             if row.stopped.is_none() && generated >= row.max_new_tokens {
                 row.stopped = Some(StopReason::MaxNewTokens);
             }
-            if row.stopped.is_none() && self.cache.len() >= self.cache.capacity() {
+            if row.stopped.is_none() && row.tokens.len() >= self.context {
                 row.stopped = Some(StopReason::ContextFull);
             }
             if matches!(row.stopped, Some(ref reason) if !matches!(reason, StopReason::StopString(_))) {
@@ -282,22 +329,34 @@ impl<'a> Generator<'a> {
             self.timings.time_to_first_token = now - self.started;
             now
         });
+        self.release_finished_rows()?;
         if self.is_finished() {
             self.timings.decode = now - first;
             return Ok(deltas);
         }
-        let next: Vec<Vec<u32>> = self
-            .rows
-            .iter()
-            .map(|row| vec![if row.stopped.is_some() { self.pad } else { *row.tokens.last().unwrap_or(&self.pad) }])
-            .collect();
-        let running = self.rows.iter().filter(|row| row.stopped.is_none()).count();
+        let next: Vec<Vec<u32>> =
+            self.running.iter().map(|&index| vec![*self.rows[index].tokens.last().unwrap_or(&self.pad)]).collect();
         let inputs = ModelInputs { input_ids: next, pixel_values: None };
         let hidden = self.model.forward_embeds(self.model.embed_inputs(&inputs)?, &mut self.cache)?;
         self.logits = last_position_logits(self.model, hidden)?;
-        self.timings.decode_tokens += running;
+        self.timings.decode_tokens += self.running.len();
         self.timings.decode = Instant::now() - first;
         Ok(deltas)
+    }
+
+    /// Takes rows that have stopped (or were cancelled) out of the batch, so the others decode
+    /// alone: a finished row costs no more compute.
+    fn release_finished_rows(&mut self) -> Result<()> {
+        let keep: Vec<usize> =
+            (0..self.running.len()).filter(|&slot| self.rows[self.running[slot]].stopped.is_none()).collect();
+        if keep.len() == self.running.len() || keep.is_empty() {
+            return Ok(());
+        }
+        self.cache.retain_rows(&keep)?;
+        self.running = keep.iter().map(|&slot| self.running[slot]).collect();
+        let mut logits = std::mem::take(&mut self.logits);
+        self.logits = keep.iter().map(|&slot| std::mem::take(&mut logits[slot])).collect();
+        Ok(())
     }
 
     /// Runs to the end and returns every sequence's result, in prompt order.
@@ -320,6 +379,22 @@ fn append(row: &mut Row, text: &str, delta: &mut String) {
     }
 }
 
+/// The id of `text` when it is one special token of the tokenizer.
+fn special_token(tokenizer: &Tokenizer, text: &str) -> Option<u32> {
+    tokenizer.token_id(text).filter(|&id| tokenizer.is_special(id))
+}
+
+/// After a stop string: how many of the `generated` tokens are needed to produce the text up to
+/// and including it. Tokens beyond are dropped (several tokens can be released at once when they
+/// complete one character, and the stop string can end before the last of them).
+fn tokens_through_stop(tokenizer: &Tokenizer, generated: &[u32], stop: &str) -> Result<usize> {
+    let mut needed = generated.len();
+    while needed > 1 && tokenizer.decode(&generated[..needed - 1], true)?.contains(stop) {
+        needed -= 1;
+    }
+    Ok(needed)
+}
+
 /// Logits of the last position of each row, copied to the host as f32.
 fn last_position_logits(model: &InternVlModel, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>> {
     let [batch, seq_len, _] = hidden.dims();
@@ -331,4 +406,22 @@ fn last_position_logits(model: &InternVlModel, hidden: Tensor<3>) -> Result<Vec<
         .try_to_vec::<f32>()
         .map_err(|e| Error::Input(format!("reading logits: {e:?}")))?;
     Ok(values.chunks(vocab).take(batch).map(<[f32]>::to_vec).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_after_a_stop_string_are_not_kept() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/internvl3-hf");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let before = tokenizer.encode("The cat STOP").unwrap();
+        // Byte-level pieces: this character takes more than one token, released together.
+        let after = tokenizer.encode("猫").unwrap();
+        assert!(after.len() > 1, "{after:?}");
+        let generated: Vec<u32> = before.iter().chain(&after).copied().collect();
+        assert_eq!(tokens_through_stop(&tokenizer, &generated, "STOP").unwrap(), before.len());
+        assert_eq!(tokens_through_stop(&tokenizer, &generated, "猫").unwrap(), generated.len());
+    }
 }

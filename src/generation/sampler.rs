@@ -49,7 +49,11 @@ impl Sampler {
         Self {
             sampling,
             repetition_penalty: config.repetition_penalty.unwrap_or(defaults.repetition_penalty),
-            rng: StdRng::seed_from_u64(config.seed.unwrap_or(0)),
+            // Unseeded sampling draws fresh entropy: two calls without a seed differ.
+            rng: match config.seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_rng(&mut rand::rng()),
+            },
         }
     }
 
@@ -173,5 +177,16 @@ mod tests {
             (0..20).map(|_| sampler.next_token(&mut [1.0, 1.1, 0.9, 1.0], &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(Sampler::new(&config, &defaults)), draw(Sampler::new(&config, &defaults)));
+    }
+
+    #[test]
+    fn no_seed_means_fresh_entropy() {
+        let config = GenerationConfig::default().temperature(1.0);
+        let defaults = GenerationDefaults::default();
+        let draw = |mut sampler: Sampler| {
+            (0..40).map(|_| sampler.next_token(&mut [1.0, 1.0, 1.0, 1.0], &[])).collect::<Vec<_>>()
+        };
+        // Equal draws from a uniform choice among 4 have probability 4^-40.
+        assert_ne!(draw(Sampler::new(&config, &defaults)), draw(Sampler::new(&config, &defaults)));
     }
 }

@@ -28,9 +28,32 @@ pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, I
         config.model.image_token_id = added_token_id(&dir.join("tokenizer.json"), token)?;
     }
     let files = WeightFiles::open(dir)?;
+    check_size(&config, &files, &dir.join("config.json"))?;
     let model = config.model.init(device);
     let model = fill(model, &files, config.layout, device)?;
     Ok((config, model))
+}
+
+/// Refuses a configuration that describes a model bigger than its weight files, before anything
+/// is allocated for it: a typo'd or hostile `hidden_size` must be an error, not an abort.
+fn check_size(config: &CheckpointConfig, files: &WeightFiles, path: &Path) -> Result<()> {
+    let needed = config.model.min_parameters();
+    let held = files.total_elements() as u128;
+    if needed > held {
+        return Err(Error::config(
+            path,
+            format!("it describes a model of at least {needed} parameters, but the weight files hold {held} values"),
+        ));
+    }
+    let layers = config.model.vision.num_hidden_layers as u128 + config.model.text.num_hidden_layers as u128;
+    let tensors = files.names().count() as u128;
+    if layers > tensors {
+        return Err(Error::config(
+            path,
+            format!("it describes {layers} layers, but the weight files hold {tensors} tensors"),
+        ));
+    }
+    Ok(())
 }
 
 /// Replaces every parameter of `model` with its checkpoint tensor. Fails on a shape mismatch, on

@@ -54,6 +54,12 @@ impl WeightFiles {
             let mut shards: Vec<&String> = index.weight_map.values().collect();
             shards.sort();
             shards.dedup();
+            if let Some(outside) = shards.iter().find(|name| !is_plain_relative(name)) {
+                return Err(Error::Safetensors {
+                    path: index_path.clone(),
+                    reason: format!("shard {outside:?} is not a file inside the checkpoint directory"),
+                });
+            }
             let files = Self::open_files(shards.iter().map(|name| dir.join(name)).collect())?;
             // Every tensor the index promises must be in the shard it names.
             for (name, shard) in &index.weight_map {
@@ -113,6 +119,11 @@ impl WeightFiles {
         self.tensors.get(name)
     }
 
+    /// Total number of values in all tensors.
+    pub fn total_elements(&self) -> usize {
+        self.tensors.values().map(|entry| entry.shape.iter().product::<usize>()).sum()
+    }
+
     /// Total bytes of tensor data.
     pub fn total_bytes(&self) -> usize {
         self.tensors.values().map(|entry| entry.range.len()).sum()
@@ -145,6 +156,13 @@ impl WeightFiles {
         debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * element);
         Ok(decode(bytes, entry.dtype, dtype, shape, transpose))
     }
+}
+
+/// Whether a shard name from the index stays inside the checkpoint directory: relative, with
+/// no `..`, root or drive component (symbolic links, as in the Hub cache, are fine).
+fn is_plain_relative(name: &str) -> bool {
+    let path = Path::new(name);
+    !name.is_empty() && path.components().all(|part| matches!(part, std::path::Component::Normal(_)))
 }
 
 /// Little-endian bytes of `source` type -> a tensor of the device's float type (`shape`, or its
@@ -195,6 +213,16 @@ fn transposed<E: Element>(values: Vec<E>, shape: &[usize]) -> TensorData {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_names_must_stay_inside_the_checkpoint() {
+        for good in ["model-00001-of-00002.safetensors", "shards/part1.safetensors"] {
+            assert!(is_plain_relative(good), "{good}");
+        }
+        for bad in ["../x.safetensors", "../../x.safetensors", "/etc/x.safetensors", "a/../../x", "", "./"] {
+            assert!(!is_plain_relative(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn transposed_swaps_axes_across_block_edges() {

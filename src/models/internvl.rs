@@ -75,6 +75,12 @@ impl InternVlConfig {
         }
     }
 
+    /// A lower bound of the parameter count, in saturating arithmetic.
+    pub fn min_parameters(&self) -> u128 {
+        let parts = [self.vision.min_parameters(), self.projector.min_parameters(), self.text.min_parameters()];
+        parts.into_iter().fold(0, u128::saturating_add)
+    }
+
     /// Vision layers to run for the configured `select_layer`.
     pub fn vision_layers_used(&self) -> usize {
         let layers = self.vision.num_hidden_layers as i64;
@@ -186,6 +192,11 @@ impl InternVlModel {
             return Err(Error::Input("images given, but the model's image-context token id is unknown".into()));
         }
         let features = self.image_features(pixel_values)?;
+        // One boolean read back per prompt: NaN weights or pixels would otherwise surface only as
+        // garbage tokens.
+        if !features.clone().is_finite().all().into_scalar::<bool>() {
+            return Err(Error::NonFinite { stage: "vision tower and projector" });
+        }
         let [tiles, per_tile, hidden] = features.dims();
         if positions.len() != tiles * per_tile {
             return Err(Error::InputMismatch { image_tokens: positions.len(), image_features: tiles * per_tile });

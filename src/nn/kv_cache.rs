@@ -5,7 +5,7 @@
 //! each row's padding, so it derives each token's rotary position (padding does not count) and hides
 //! padding keys from every query.
 
-use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 
@@ -73,9 +73,49 @@ impl KvCache {
         &self.left_padding
     }
 
-    /// Forgets everything written, keeping the allocation.
+    /// Forgets everything written, padding included, keeping the allocation: the cache is as new,
+    /// ready for a batch declared again with [`with_left_padding`](Self::with_left_padding) or
+    /// [`set_left_padding`](Self::set_left_padding).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.left_padding.fill(0);
+    }
+
+    /// Declares each row's padding on an empty cache (as [`with_left_padding`](Self::with_left_padding)).
+    pub fn set_left_padding(&mut self, left_padding: Vec<usize>) -> Result<()> {
+        if self.len > 0 {
+            return Err(Error::Input("padding can only be declared on an empty KV cache (clear it first)".into()));
+        }
+        if left_padding.len() != self.left_padding.len() {
+            return Err(Error::Input(format!(
+                "{} padding lengths for a batch of {}",
+                left_padding.len(),
+                self.left_padding.len()
+            )));
+        }
+        self.left_padding = left_padding;
+        Ok(())
+    }
+
+    /// Keeps only the given rows (indices into the current batch, in the order given) and drops
+    /// the others, so sequences that have finished stop costing compute.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let batch = self.batch_size();
+        if rows.is_empty() || rows.iter().any(|&row| row >= batch) {
+            return Err(Error::Input(format!("cannot keep rows {rows:?} of a batch of {batch}")));
+        }
+        if rows.iter().copied().eq(0..batch) {
+            return Ok(());
+        }
+        self.left_padding = rows.iter().map(|&row| self.left_padding[row]).collect();
+        for layer in self.layers.iter_mut().flatten() {
+            let device = layer.0.device();
+            let indices: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+            let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [rows.len()]), &device);
+            layer.0 = layer.0.clone().select(0, indices.clone());
+            layer.1 = layer.1.clone().select(0, indices);
+        }
+        Ok(())
     }
 
     /// Forgets the tokens after the first `len` (no effect if fewer are written), so the next
@@ -125,12 +165,23 @@ impl KvCache {
     }
 
     /// Writes one layer's keys and values for the new tokens and returns all keys and values so far.
+    /// Fails, writing nothing, when they do not fit or do not match the cache's shape.
     ///
     /// # Shapes
     /// - k, v: `[batch, kv_heads, seq_len, head_dim]`
     /// - output: two tensors `[batch, kv_heads, len + seq_len, head_dim]`
-    pub(crate) fn update(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn update(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<4>)> {
         let [batch, kv_heads, seq_len, head_dim] = k.dims();
+        self.check_room(seq_len)?;
+        let expected = [self.batch_size(), self.kv_heads, seq_len, self.head_dim];
+        if k.dims() != expected || v.dims() != expected || layer >= self.layers.len() {
+            return Err(Error::Input(format!(
+                "keys {:?} and values {:?} for layer {layer} do not fit a KV cache of {} layers, shaped {expected:?}",
+                k.dims(),
+                v.dims(),
+                self.layers.len()
+            )));
+        }
         let (start, end) = (self.len, self.len + seq_len);
         let (k_cache, v_cache) = match self.layers[layer].take() {
             Some(cached) => cached,
@@ -145,7 +196,7 @@ impl KvCache {
         let written = [0..batch, 0..kv_heads, 0..end, 0..head_dim];
         let out = (k_cache.clone().slice(written.clone()), v_cache.clone().slice(written));
         self.layers[layer] = Some((k_cache, v_cache));
-        out
+        Ok(out)
     }
 
     /// Records that `seq_len` tokens were written to every layer.
@@ -192,6 +243,51 @@ mod tests {
         cache.advance(3);
         assert_eq!(cache.positions(1), vec![vec![3], vec![1]]);
         assert_eq!(mask_rows(&cache, 1), vec![f, f, f, f, t, t, f, f]);
+    }
+
+    fn keys(batch: usize, seq_len: usize, value: f32) -> Tensor<4> {
+        Tensor::full([batch, 1, seq_len, 2], value, &crate::device::cpu())
+    }
+
+    #[test]
+    fn update_refuses_tokens_that_do_not_fit_without_writing() {
+        let mut cache = KvCache::new(1, 1, 1, 2, 4);
+        cache.update(0, keys(1, 3, 1.0), keys(1, 3, 1.0)).unwrap();
+        cache.advance(3);
+        let error = cache.update(0, keys(1, 2, 2.0), keys(1, 2, 2.0)).unwrap_err();
+        assert!(matches!(error, Error::ContextOverflow { requested: 5, limit: 4 }), "{error}");
+        assert!(matches!(cache.update(1, keys(1, 1, 2.0), keys(1, 1, 2.0)), Err(Error::Input(_))));
+        assert!(matches!(cache.update(0, keys(2, 1, 2.0), keys(2, 1, 2.0)), Err(Error::Input(_))));
+        let (k, _) = cache.update(0, keys(1, 1, 2.0), keys(1, 1, 2.0)).unwrap();
+        assert_eq!(k.into_data().try_to_vec::<f32>().unwrap(), vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn clear_forgets_the_padding_too() {
+        let mut cache = KvCache::new(1, 2, 1, 2, 8).with_left_padding(vec![0, 2]).unwrap();
+        cache.advance(3);
+        cache.clear();
+        assert_eq!((cache.len(), cache.left_padding()), (0, &[0, 0][..]));
+        assert_eq!(cache.positions(2), vec![vec![0, 1], vec![0, 1]]);
+        assert!(matches!(cache.set_left_padding(vec![1]), Err(Error::Input(_))));
+        cache.set_left_padding(vec![1, 0]).unwrap();
+        assert_eq!(cache.positions(2), vec![vec![0, 0], vec![0, 1]]);
+    }
+
+    #[test]
+    fn retain_rows_keeps_the_chosen_rows_and_their_padding() {
+        let mut cache = KvCache::new(1, 3, 1, 2, 4).with_left_padding(vec![0, 1, 2]).unwrap();
+        let device = crate::device::cpu();
+        let rows: Vec<f32> = (0..3).flat_map(|row| [row as f32; 2]).collect();
+        let k = Tensor::<1>::from_floats(rows.as_slice(), &device).reshape([3, 1, 1, 2]);
+        cache.update(0, k.clone(), k).unwrap();
+        cache.advance(1);
+        cache.retain_rows(&[2, 0]).unwrap();
+        assert_eq!(cache.left_padding(), &[2, 0]);
+        let (k, _) = cache.update(0, keys(2, 1, 9.0), keys(2, 1, 9.0)).unwrap();
+        assert_eq!(k.into_data().try_to_vec::<f32>().unwrap(), vec![2.0, 2.0, 9.0, 9.0, 0.0, 0.0, 9.0, 9.0]);
+        assert!(cache.retain_rows(&[2]).is_err());
+        assert!(cache.retain_rows(&[]).is_err());
     }
 
     #[test]

@@ -194,6 +194,34 @@ impl Processor {
         Ok(Encoding { input_ids, pixel_values, tile_size: size, images, prompt })
     }
 
+    /// Tokens that end the assistant's turn, for checkpoints that do not name their end-of-sequence
+    /// tokens in `generation_config.json`: the special token the chat template writes right after
+    /// an assistant message (`<|im_end|>` in ChatML, `<|eot_id|>` in Llama 3) and the tokenizer's
+    /// `eos_token`.
+    pub fn end_of_turn_token_ids(&self) -> Vec<u32> {
+        const PROBE: &str = "vlm-end-of-turn-probe";
+        let mut ids = Vec::new();
+        let conversation = [Message::user().text("Hi"), Message::assistant().text(PROBE)];
+        if let Ok(rendered) = self.render(&conversation, false)
+            && let Some(at) = rendered.rfind(PROBE)
+            && let Ok(after) = self.tokenizer.encode(&rendered[at + PROBE.len()..])
+        {
+            // The first special token, if only whitespace comes before it.
+            for id in after {
+                if self.tokenizer.is_special(id) {
+                    ids.push(id);
+                    break;
+                }
+                if !self.tokenizer.decode(&[id], false).is_ok_and(|text| text.trim().is_empty()) {
+                    break;
+                }
+            }
+        }
+        let eos = self.tokenizer.eos_token().and_then(|token| self.tokenizer.token_id(token));
+        ids.extend(eos.filter(|id| !ids.contains(id)));
+        ids
+    }
+
     /// The checkpoint's template applied to the conversation, image placeholders not yet expanded.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         self.render_with(messages, &ProcessOptions { add_generation_prompt, ..ProcessOptions::default() })
@@ -349,6 +377,16 @@ fn processor_config(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Token
             (placeholders, tiling, AlphaMode::Discard)
         }
     };
+    let fail = |message: String| Err(Error::config(dir.join("preprocessor_config.json"), message));
+    if normalization.std.iter().any(|s| !s.is_finite() || *s == 0.0) {
+        return fail(format!("image_std {:?} must be finite and non-zero", normalization.std));
+    }
+    if normalization.mean.iter().any(|m| !m.is_finite()) {
+        return fail(format!("image_mean {:?} must be finite", normalization.mean));
+    }
+    if !(normalization.rescale_factor.is_finite() && normalization.rescale_factor > 0.0) {
+        return fail(format!("rescale_factor {} must be a finite number > 0", normalization.rescale_factor));
+    }
     if tiling.tile_size != vision_size {
         return Err(Error::config(
             dir.join("preprocessor_config.json"),

@@ -69,6 +69,20 @@ impl TextConfig {
         }
     }
 
+    /// A lower bound of the parameter count (embeddings and the matrices of every layer, in
+    /// saturating arithmetic): lets the loader refuse an absurd configuration before allocating.
+    pub fn min_parameters(&self) -> u128 {
+        let hidden = self.hidden_size as u128;
+        let q = (self.num_attention_heads as u128).saturating_mul(self.head_dim as u128);
+        let kv = (self.num_key_value_heads as u128).saturating_mul(self.head_dim as u128);
+        let attention = hidden.saturating_mul(q.saturating_mul(2).saturating_add(kv.saturating_mul(2)));
+        let mlp = hidden.saturating_mul(self.intermediate_size as u128).saturating_mul(3);
+        let layers = attention.saturating_add(mlp).saturating_mul(self.num_hidden_layers as u128);
+        let embeddings = (self.vocab_size as u128).saturating_mul(hidden);
+        let lm_head = if self.tie_word_embeddings { 0 } else { embeddings };
+        layers.saturating_add(embeddings).saturating_add(lm_head)
+    }
+
     /// Creates the decoder (parameters filled by the loader).
     pub fn init(&self, device: &Device) -> TextModel {
         TextModel {
@@ -192,7 +206,7 @@ impl TextModel {
         let mut hidden = inputs_embeds;
         for (index, layer) in self.layers.iter().enumerate() {
             let attn_in = layer.input_layernorm.forward(hidden.clone());
-            let attn = layer.self_attn.forward(attn_in, &rope, mask.clone(), cache, index);
+            let attn = layer.self_attn.forward(attn_in, &rope, mask.clone(), cache, index)?;
             hidden = hidden + attn;
             let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(hidden.clone()));
             hidden = hidden + mlp;
@@ -262,7 +276,7 @@ impl SelfAttention {
         mask: AttentionMask,
         cache: &mut KvCache,
         layer: usize,
-    ) -> Tensor<3> {
+    ) -> Result<Tensor<3>> {
         let [batch, seq_len, _] = x.dims();
         let head_dim = self.head_dim;
         // [batch, seq_len, heads * head_dim] -> [batch, heads, seq_len, head_dim]
@@ -270,11 +284,11 @@ impl SelfAttention {
         let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
         let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
         let v = split(self.v_proj.forward(x), self.num_kv_heads);
-        let (k, v) = cache.update(layer, k, v);
+        let (k, v) = cache.update(layer, k, v)?;
         let scale = (head_dim as f64).powf(-0.5);
         let out = scaled_dot_product_attention(q, k, v, mask, scale);
         // [batch, heads, seq_len, head_dim] -> [batch, seq_len, heads * head_dim]
         let out = out.swap_dims(1, 2).reshape([batch, seq_len, self.num_heads * head_dim]);
-        self.o_proj.forward(out)
+        Ok(self.o_proj.forward(out))
     }
 }

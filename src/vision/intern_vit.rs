@@ -61,6 +61,17 @@ impl InternVitConfig {
         }
     }
 
+    /// A lower bound of the parameter count (the matrices and the position table, in saturating
+    /// arithmetic): lets the loader refuse an absurd configuration before allocating anything.
+    pub fn min_parameters(&self) -> u128 {
+        let (c, i) = (self.hidden_size as u128, self.intermediate_size as u128);
+        let patch = (self.num_channels * self.patch_size * self.patch_size) as u128;
+        let positions = (self.patches_per_side() as u128).saturating_pow(2).saturating_add(1);
+        let layer = c.saturating_mul(c).saturating_mul(4).saturating_add(c.saturating_mul(i).saturating_mul(2));
+        let embeddings = c.saturating_mul(patch).saturating_add(c.saturating_mul(positions));
+        layer.saturating_mul(self.num_hidden_layers as u128).saturating_add(embeddings)
+    }
+
     /// Patches per side of the image.
     pub fn patches_per_side(&self) -> usize {
         self.image_size / self.patch_size

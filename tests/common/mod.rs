@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use vlm::Device;
 
@@ -28,6 +30,64 @@ pub fn fixture_image(name: &str) -> String {
 /// `tests/fixtures/models/<name>`.
 pub fn model_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+/// A scratch copy of a fixture checkpoint that a test can break.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn of(fixture: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(model_dir(fixture)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Rewrites `model.safetensors` after letting `edit` change its tensors.
+    pub fn edit_weights(&self, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) {
+        let bytes = std::fs::read(self.path("model.safetensors")).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
+            .collect();
+        edit(&mut tensors);
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(name, (dtype, shape, data))| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+            .collect();
+        let out = safetensors::serialize(views, None).unwrap();
+        std::fs::write(self.path("model.safetensors"), out).unwrap();
+    }
+
+    /// Rewrites a JSON file of the checkpoint after letting `edit` change it.
+    pub fn edit_json(&self, file: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+        let mut value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.path(file)).unwrap()).unwrap();
+        edit(&mut value);
+        std::fs::write(self.path(file), serde_json::to_string_pretty(&value).unwrap()).unwrap();
+    }
+
+    /// Changes the f32 values of one tensor of `model.safetensors`.
+    pub fn edit_floats(&self, name: &str, edit: impl FnOnce(&[usize], &mut Vec<f32>)) {
+        self.edit_weights(|tensors| {
+            let (dtype, shape, data) = tensors.get_mut(name).unwrap_or_else(|| panic!("no tensor {name}"));
+            assert_eq!(*dtype, Dtype::F32, "{name}");
+            let mut values: Vec<f32> =
+                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            edit(shape, &mut values);
+            *data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        });
+    }
 }
 
 /// Reference activations written by `scripts/make_fixtures.py`.
@@ -77,10 +137,19 @@ impl Reference {
 pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: &(Vec<usize>, Vec<f32>)) -> f32 {
     let actual_shape = actual.dims().to_vec();
     assert_eq!(actual_shape, expected.0, "shape");
-    let actual = actual.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-    let scale = expected.1.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = actual.iter().zip(&expected.1).fold(0f32, |m, (a, e)| m.max((a - e).abs()));
-    diff / scale
+    relative_error_of(&actual.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &expected.1)
+}
+
+/// [`relative_error`] of plain values. Any non-finite value on either side gives infinity, so no
+/// comparison `error <= bound` can pass (`f32::max` would silently drop a NaN).
+pub fn relative_error_of(actual: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(actual.len(), expected.len(), "length");
+    if actual.iter().chain(expected).any(|v| !v.is_finite()) {
+        return f32::INFINITY;
+    }
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = actual.iter().zip(expected).fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+    if diff == 0.0 { 0.0 } else { diff / scale }
 }
 
 /// Index of the largest value in each row of `[rows, n]`.
