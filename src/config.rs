@@ -23,6 +23,10 @@ use crate::vision::InternVitConfig;
 /// any published checkpoint; a larger value is a corrupt file.
 pub const MAX_CONTEXT: usize = 1 << 24;
 
+/// The largest width, count or size a configuration may declare (16M, beyond any published
+/// checkpoint): products of two stay far inside `usize`.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
 /// How tensors are named in a checkpoint's safetensors files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointLayout {
@@ -118,6 +122,27 @@ impl CheckpointConfig {
         let invalid = |message: String| Err(Error::config(path, message));
         let v = &self.model.vision;
         let t = &self.model.text;
+        let p = &self.model.projector;
+        let dimensions = [
+            ("vision hidden_size", v.hidden_size),
+            ("vision num_hidden_layers", v.num_hidden_layers),
+            ("vision num_attention_heads", v.num_attention_heads),
+            ("vision intermediate_size", v.intermediate_size),
+            ("image_size", v.image_size),
+            ("patch_size", v.patch_size),
+            ("num_channels", v.num_channels),
+            ("projector width", p.hidden_size),
+            ("vocab_size", t.vocab_size),
+            ("hidden_size", t.hidden_size),
+            ("intermediate_size", t.intermediate_size),
+            ("num_hidden_layers", t.num_hidden_layers),
+            ("num_attention_heads", t.num_attention_heads),
+            ("num_key_value_heads", t.num_key_value_heads),
+            ("head_dim", t.head_dim),
+        ];
+        if let Some((name, value)) = dimensions.iter().find(|(_, value)| *value > MAX_DIMENSION) {
+            return invalid(format!("{name} {value} is beyond {MAX_DIMENSION}"));
+        }
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return invalid(format!(
                 "vision hidden_size {} is not a multiple of num_attention_heads {}",
@@ -420,7 +445,7 @@ impl HfConfig {
         text.tie_word_embeddings = tie;
         let shuffle_factor = shuffle_factor(self.downsample_ratio, path)?;
         let projector = ProjectorConfig {
-            input_size: vision.hidden_size * shuffle_factor * shuffle_factor,
+            input_size: projector_input(vision.hidden_size, shuffle_factor, path)?,
             hidden_size: text.hidden_size,
             output_size: text.hidden_size,
             bias: true,
@@ -529,7 +554,7 @@ impl OriginalConfig {
         let shuffle_factor = shuffle_factor(self.downsample_ratio, path)?;
         let nvlm = architecture == Architecture::NvlmD;
         let projector = ProjectorConfig {
-            input_size: vision.hidden_size * shuffle_factor * shuffle_factor,
+            input_size: projector_input(vision.hidden_size, shuffle_factor, path)?,
             // NVLM-D's mlp1 is as wide as the decoder's MLP and has no biases.
             hidden_size: if nvlm { text.intermediate_size } else { text.hidden_size },
             output_size: text.hidden_size,
@@ -559,6 +584,13 @@ impl OriginalConfig {
             dtype: self.dtype.or(self.torch_dtype).or_else(|| self.llm_config.dtype()),
         })
     }
+}
+
+/// Width of the pixel-shuffled features the projector takes: `hidden * factor^2`.
+fn projector_input(vision_hidden: usize, factor: usize, path: &Path) -> Result<usize> {
+    vision_hidden.checked_mul(factor).and_then(|n| n.checked_mul(factor)).filter(|&n| n <= MAX_DIMENSION).ok_or_else(
+        || Error::config(path, format!("vision hidden_size {vision_hidden} x {factor}^2 is beyond {MAX_DIMENSION}")),
+    )
 }
 
 /// `1 / downsample_ratio`, which must be a whole number.

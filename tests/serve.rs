@@ -5,40 +5,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{example, model_dir};
+use common::{Server, model_dir, start_server};
 use serde_json::{Value, json};
 
 const MODEL: &str = "tiny-internvl";
 
-/// A running `serve` example, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(extra: &[&str]) -> Server {
-    let mut child = Command::new(example("serve"))
-        .args(["--model", model_dir("internvl3-hf").to_str().unwrap(), "--served-model-name", MODEL, "--port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}")).to_string();
-    Server { child, url }
+    start_server("internvl3-hf", MODEL, extra)
 }
 
 fn image_part(name: &str) -> Value {
@@ -401,4 +377,39 @@ fn http_image_urls_are_fetched_within_limits() {
     assert_eq!((status, error_code(&body)), (400, "image_too_large"));
     let (status, body, _) = post(&server, &with_url("ftp://example.com/x.png".into()));
     assert_eq!((status, error_code(&body)), (400, "invalid_request"));
+}
+
+#[test]
+fn decoded_pixels_and_tiles_are_bounded_with_413s_naming_the_limit() {
+    // large.png is a 19 KB file of 500 x 375 = 187,500 pixels; a small file can hold a huge image.
+    let server = start(&["--max-image-pixels", "100000", "--max-request-pixels", "30000", "--max-batch-tiles", "5"]);
+    let (status, body, _) = post(&server, &request("What?", &["large.png"]));
+    assert_eq!((status, error_code(&body)), (413, "image_too_large"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-image-pixels"), "{body}");
+    // wide.png (30,000 pixels) fits once, not twice.
+    let (status, body, _) = post(&server, &request("What?", &["wide.png"]));
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = post(&server, &request("What?", &["wide.png", "wide.png"]));
+    assert_eq!((status, error_code(&body)), (413, "images_too_large"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-request-pixels"), "{body}");
+    // 4 tiles each (3 + thumbnail): two images are over a batch of 5 tiles.
+    let server = start(&["--max-batch-tiles", "5"]);
+    let (status, body, _) = post(&server, &request("What?", &["wide.png", "wide.png"]));
+    assert_eq!((status, error_code(&body)), (413, "images_too_large"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-batch-tiles"), "{body}");
+    let (status, body, _) = post(&server, &request("What?", &["wide.png"]));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_wrong_method_gets_an_openai_error_object() {
+    let server = start(&[]);
+    let response = match ureq::get(&format!("{}/v1/chat/completions", server.url)).call() {
+        Err(ureq::Error::Status(_, response)) => response,
+        other => panic!("expected an error status, got {other:?}"),
+    };
+    assert_eq!(response.status(), 405);
+    let body: Value = response.into_json().unwrap();
+    assert_eq!(error_code(&body), "method_not_allowed");
+    assert!(body["error"]["message"].as_str().unwrap().contains("GET"), "{body}");
 }

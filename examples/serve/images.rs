@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use base64::Engine;
 use vlm::Image;
 use vlm::processing::ImageLimits;
@@ -15,11 +16,16 @@ use crate::openai::ApiError;
 pub struct ImageFetch {
     pub max_bytes: usize,
     pub timeout: Duration,
+    /// Most pixels of one image (`--max-image-pixels`).
     pub limits: ImageLimits,
+    /// Most pixels of all images of one request together (`--max-request-pixels`).
+    pub max_request_pixels: u64,
 }
 
 impl ImageFetch {
-    pub fn load(&self, url: &str) -> Result<Image, ApiError> {
+    /// Fetches and decodes one image, counting its pixels against what is left of the request's
+    /// budget (`budget`) before any pixel is decoded: a small file can hold a huge image.
+    pub fn load(&self, url: &str, budget: &mut u64) -> Result<Image, ApiError> {
         let bytes = if let Some(data) = url.strip_prefix("data:") {
             self.decode_data_uri(data)?
         } else if url.starts_with("http://") || url.starts_with("https://") {
@@ -27,6 +33,31 @@ impl ImageFetch {
         } else {
             return Err(ApiError::invalid("image_url must be a data: URI or an http(s) URL"));
         };
+        let (width, height) = Image::dimensions_of(&bytes).map_err(ApiError::from)?;
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.limits.max_pixels {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "image_too_large",
+                format!(
+                    "an image of {width}x{height} = {pixels} pixels is over the limit of {} pixels per image (--max-image-pixels)",
+                    self.limits.max_pixels
+                ),
+            ));
+        }
+        if pixels > *budget {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "images_too_large",
+                format!(
+                    "the request's images have more than {} pixels together (--max-request-pixels)",
+                    self.max_request_pixels
+                ),
+            ));
+        }
+        *budget -= pixels;
         Image::from_bytes_with_limits(&bytes, &self.limits).map_err(ApiError::from)
     }
 
@@ -62,7 +93,7 @@ impl ImageFetch {
 
 fn too_large(max_bytes: usize) -> ApiError {
     ApiError::new(
-        axum::http::StatusCode::BAD_REQUEST,
+        StatusCode::BAD_REQUEST,
         "invalid_request_error",
         "image_too_large",
         format!("image over the {max_bytes}-byte limit"),

@@ -65,6 +65,20 @@ struct Args {
     /// Largest image (downloaded or decoded from base64), in MiB.
     #[arg(long, default_value_t = 20)]
     max_image_mib: usize,
+    /// Most pixels of one image once decoded (413 beyond): a small file can hold a huge image.
+    #[arg(long, default_value_t = 33_554_432)]
+    max_image_pixels: u64,
+    /// Most pixels of all images of one request together, once decoded (413 beyond).
+    #[arg(long, default_value_t = 67_108_864)]
+    max_request_pixels: u64,
+    /// Most image tiles the model runs in one batch; requests wait for the next batch beyond it
+    /// (bounds the vision tower's memory per batch).
+    #[arg(long, default_value_t = 128)]
+    max_batch_tiles: usize,
+    /// Most image tiles all queued and running requests hold together (503 with Retry-After
+    /// beyond; 512 tiles of 448 pixels are 1.2 GB of f32 pixel values).
+    #[arg(long, default_value_t = 512)]
+    max_queued_tiles: usize,
     /// Time limit for fetching an http(s) image, in seconds.
     #[arg(long, default_value_t = 10)]
     image_timeout_s: u64,
@@ -83,8 +97,14 @@ struct AppState {
     jobs: SyncSender<Job>,
     inflight: Arc<AtomicUsize>,
     max_queue: usize,
+    queued_tiles: Arc<AtomicUsize>,
+    max_queued_tiles: usize,
+    /// Requests whose images are being decoded and tiled at once (each holds up to
+    /// --max-request-pixels of decoded images).
+    preparing: Arc<tokio::sync::Semaphore>,
     images: ImageFetch,
     max_tiles: Option<usize>,
+    max_batch_tiles: usize,
     default_max_tokens: usize,
     max_body_bytes: usize,
     next_id: AtomicU64,
@@ -97,7 +117,8 @@ async fn main() -> anyhow::Result<()> {
     let device = vlm::device::from_name(&args.device)?;
     let vlm = Arc::new(Vlm::from_pretrained(&args.model, &device)?);
     let stats = Arc::new(Stats::default());
-    let jobs = worker::spawn(vlm.clone(), args.max_batch.max(1), args.max_queue.max(1), stats.clone());
+    let limits = worker::BatchLimits { max_rows: args.max_batch.max(1), max_tiles: args.max_batch_tiles.max(1) };
+    let jobs = worker::spawn(vlm.clone(), limits, args.max_queue.max(1), stats.clone());
     let state = Arc::new(AppState {
         vlm,
         model_name: args.served_model_name.unwrap_or_else(|| args.model.clone()),
@@ -105,12 +126,19 @@ async fn main() -> anyhow::Result<()> {
         jobs,
         inflight: Arc::new(AtomicUsize::new(0)),
         max_queue: args.max_queue.max(1),
+        queued_tiles: Arc::new(AtomicUsize::new(0)),
+        max_queued_tiles: args.max_queued_tiles.max(limits.max_tiles),
+        preparing: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+        )),
         images: ImageFetch {
             max_bytes: args.max_image_mib << 20,
             timeout: Duration::from_secs(args.image_timeout_s),
-            limits: ImageLimits::default(),
+            limits: ImageLimits { max_pixels: args.max_image_pixels },
+            max_request_pixels: args.max_request_pixels,
         },
         max_tiles: args.max_tiles,
+        max_batch_tiles: limits.max_tiles,
         default_max_tokens: args.default_max_tokens,
         max_body_bytes: args.max_body_mib << 20,
         next_id: AtomicU64::new(0),
@@ -122,6 +150,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/health", get(health))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            let message = format!("{method} is not allowed on {}", uri.path());
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", message)
         })
         .with_state(state);
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
@@ -233,7 +265,7 @@ async fn chat_completions(
     if request.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid("only n = 1 is supported"));
     }
-    let Some(slot) = Slot::acquire(&state.inflight, state.max_queue) else {
+    let Some(mut slot) = Slot::acquire(&state.inflight, state.max_queue) else {
         let mut error = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -259,7 +291,11 @@ async fn chat_completions(
 
     // Images, tiling and tokenization off the async threads; errors answer before any model work.
     let prepare_state = state.clone();
+    let preparing = state.preparing.clone().acquire_owned().await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", e.to_string())
+    })?;
     let encoding = tokio::task::spawn_blocking(move || {
+        let _preparing = preparing;
         let messages = to_messages(request.messages, &prepare_state.images)?;
         let options = ProcessOptions {
             max_tiles: prepare_state.max_tiles,
@@ -271,6 +307,28 @@ async fn chat_completions(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", e.to_string()))??;
+    if encoding.num_tiles() > state.max_batch_tiles {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "images_too_large",
+            format!(
+                "the request's images make {} tiles, over the {} tiles of one batch (--max-batch-tiles; --max-tiles lowers tiles per image)",
+                encoding.num_tiles(),
+                state.max_batch_tiles
+            ),
+        ));
+    }
+    if !slot.hold_tiles(&state.queued_tiles, encoding.num_tiles(), state.max_queued_tiles) {
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "overloaded",
+            "too many image tiles queued (--max-queued-tiles); retry shortly",
+        );
+        error.retry_after = Some(1);
+        return Err(error);
+    }
 
     let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
     let job = Job { encoding, config, events, slot: Some(slot), started };
@@ -295,6 +353,7 @@ fn to_messages(messages: Vec<openai::ChatMessage>, images: &ImageFetch) -> Resul
     if messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
     }
+    let mut pixel_budget = images.max_request_pixels;
     messages
         .into_iter()
         .map(|m| {
@@ -311,7 +370,9 @@ fn to_messages(messages: Vec<openai::ChatMessage>, images: &ImageFetch) -> Resul
                     for part in parts {
                         message = match part {
                             ContentPart::Text { text } => message.text(text),
-                            ContentPart::ImageUrl { image_url } => message.image(images.load(&image_url.url)?),
+                            ContentPart::ImageUrl { image_url } => {
+                                message.image(images.load(&image_url.url, &mut pixel_budget)?)
+                            }
                         };
                     }
                 }

@@ -18,26 +18,46 @@ pub enum Event {
     Failed(vlm::Error),
 }
 
-/// Holds one place in the queue until dropped (the request finished or its client left).
+/// Holds one place in the queue, and the image tiles its request holds in memory, until dropped
+/// (the request finished or its client left).
 pub struct Slot {
     inflight: Arc<AtomicUsize>,
+    tiles: Option<(Arc<AtomicUsize>, usize)>,
 }
 
 impl Slot {
     /// Takes a place if fewer than `limit` requests are queued or running.
     pub fn acquire(inflight: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
-        let taken = inflight.fetch_add(1, Ordering::SeqCst);
-        if taken >= limit {
-            inflight.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(Self { inflight: inflight.clone() })
+        take(inflight, 1, limit).then(|| Self { inflight: inflight.clone(), tiles: None })
     }
+
+    /// Counts the request's `tiles` against what all queued and running requests may hold
+    /// together (`limit`); false, counting nothing, when they do not fit.
+    pub fn hold_tiles(&mut self, queued_tiles: &Arc<AtomicUsize>, tiles: usize, limit: usize) -> bool {
+        if !take(queued_tiles, tiles, limit) {
+            return false;
+        }
+        self.tiles = Some((queued_tiles.clone(), tiles));
+        true
+    }
+}
+
+/// Adds `amount` to `counter` if the sum stays within `limit`.
+fn take(counter: &AtomicUsize, amount: usize, limit: usize) -> bool {
+    let before = counter.fetch_add(amount, Ordering::SeqCst);
+    if before + amount > limit {
+        counter.fetch_sub(amount, Ordering::SeqCst);
+        return false;
+    }
+    true
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.inflight.fetch_sub(1, Ordering::SeqCst);
+        if let Some((queued_tiles, tiles)) = &self.tiles {
+            queued_tiles.fetch_sub(*tiles, Ordering::SeqCst);
+        }
     }
 }
 
@@ -59,24 +79,43 @@ pub struct Stats {
     pub completed: AtomicUsize,
 }
 
+/// How much one batch may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Requests.
+    pub max_rows: usize,
+    /// Image tiles of all its requests together (a request with more is refused before it queues).
+    pub max_tiles: usize,
+}
+
 /// Runs the model loop on its own thread.
-pub fn spawn(vlm: Arc<Vlm>, max_batch: usize, queue: usize, stats: Arc<Stats>) -> SyncSender<Job> {
+pub fn spawn(vlm: Arc<Vlm>, limits: BatchLimits, queue: usize, stats: Arc<Stats>) -> SyncSender<Job> {
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(queue);
     std::thread::Builder::new()
         .name("vlm-model".into())
-        .spawn(move || run(&vlm, &receiver, max_batch, &stats))
+        .spawn(move || run(&vlm, &receiver, limits, &stats))
         .expect("can start the model thread");
     sender
 }
 
-fn run(vlm: &Vlm, receiver: &Receiver<Job>, max_batch: usize, stats: &Stats) {
-    while let Ok(first) = receiver.recv() {
+fn run(vlm: &Vlm, receiver: &Receiver<Job>, limits: BatchLimits, stats: &Stats) {
+    // A job that did not fit the last batch starts the next one.
+    let mut held: Option<Job> = None;
+    while let Some(first) = held.take().or_else(|| receiver.recv().ok()) {
+        let mut tiles = first.encoding.num_tiles();
         let mut jobs = vec![first];
         // Requests of a burst arrive within a moment of each other: let them join this batch.
         let window = Instant::now() + Duration::from_millis(5);
-        while jobs.len() < max_batch {
+        while jobs.len() < limits.max_rows {
             match receiver.recv_timeout(window.saturating_duration_since(Instant::now())) {
-                Ok(job) => jobs.push(job),
+                Ok(job) if tiles + job.encoding.num_tiles() > limits.max_tiles => {
+                    held = Some(job);
+                    break;
+                }
+                Ok(job) => {
+                    tiles += job.encoding.num_tiles();
+                    jobs.push(job);
+                }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => break,
             }

@@ -1,6 +1,7 @@
 //! Decoding images and the pixel operations of preprocessing: conversion to RGB, bicubic resize,
 //! cropping and normalisation.
 
+use std::borrow::Cow;
 use std::io::Cursor;
 use std::path::Path;
 
@@ -53,6 +54,15 @@ impl Image {
         decode(bytes, limits, None)
     }
 
+    /// Width and height of an encoded image, read from its header without decoding any pixel.
+    pub fn dimensions_of(bytes: &[u8]) -> Result<(u32, u32)> {
+        let error = |e: image::ImageError| Error::Image { source_name: None, reason: e.to_string() };
+        let reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::Image { source_name: None, reason: e.to_string() })?;
+        reader.into_dimensions().map_err(error)
+    }
+
     /// Wraps raw RGB pixels, row-major, 3 bytes per pixel.
     pub fn from_rgb8(width: u32, height: u32, rgb: Vec<u8>) -> Result<Self> {
         if width == 0 || height == 0 {
@@ -84,6 +94,18 @@ impl Image {
 
     /// The image as 8-bit RGB, transparency handled as `alpha` says.
     pub fn to_rgb8(&self, alpha: AlphaMode) -> RgbImage {
+        self.rgb8(alpha).into_owned()
+    }
+
+    /// The image as 8-bit RGB, borrowed when it already is (no copy of a decoded JPEG).
+    pub fn rgb8(&self, alpha: AlphaMode) -> Cow<'_, RgbImage> {
+        match &self.pixels {
+            DynamicImage::ImageRgb8(rgb) => Cow::Borrowed(rgb),
+            _ => Cow::Owned(self.converted_to_rgb8(alpha)),
+        }
+    }
+
+    fn converted_to_rgb8(&self, alpha: AlphaMode) -> RgbImage {
         if !self.has_alpha() {
             return self.pixels.to_rgb8();
         }

@@ -165,21 +165,23 @@ impl Processor {
             return Err(Error::ImageCount { images: image_count, placeholders });
         }
 
-        let size = tiling.tile_size as usize;
-        let mut pixel_values = Vec::new();
-        let mut images = Vec::with_capacity(image_count);
         // Moving images before text keeps their order among themselves, so this is prompt order.
-        for image in messages.iter().flat_map(Message::images) {
-            let rgb = image.to_rgb8(self.config.alpha);
-            let (grid, tiles) = tiling::split_into_tiles(&rgb, &tiling);
-            pixel_values.reserve(tiles.len() * 3 * size * size);
-            for tile in &tiles {
-                self.config.normalization.extend_chw(tile, &mut pixel_values);
-            }
-            images.push(ImageTiles { grid, tiles: tiles.len() });
-        }
-
+        // How many tiles each image makes follows from its size alone: the prompt is tokenized
+        // and checked against the context before any pixel is resized.
+        let images: Vec<ImageTiles> = messages
+            .iter()
+            .flat_map(Message::images)
+            .map(|image| {
+                let (grid, tiles) = tiling::tile_layout(image.width(), image.height(), &tiling);
+                ImageTiles { grid, tiles }
+            })
+            .collect();
         let tiles_per_image: Vec<usize> = images.iter().map(|image| image.tiles).collect();
+        // The image tokens alone may already be over the context: say so before writing them out.
+        let image_tokens = tiles_per_image.iter().sum::<usize>().saturating_mul(self.config.tokens_per_tile);
+        if image_tokens > self.config.max_context {
+            return Err(Error::ContextOverflow { requested: image_tokens, limit: self.config.max_context });
+        }
         let text = self.config.placeholders.expand(&prompt, &tiles_per_image, self.config.tokens_per_tile)?;
         let input_ids = self.tokenizer.encode(&text)?;
         if input_ids.len() > self.config.max_context {
@@ -190,6 +192,16 @@ impl Processor {
         if image_tokens != features {
             // The text itself contained image-context tokens.
             return Err(Error::InputMismatch { image_tokens, image_features: features });
+        }
+
+        let size = tiling.tile_size as usize;
+        let mut pixel_values = Vec::with_capacity(tiles_per_image.iter().sum::<usize>() * 3 * size * size);
+        for image in messages.iter().flat_map(Message::images) {
+            let rgb = image.rgb8(self.config.alpha);
+            let (_, tiles) = tiling::split_into_tiles(&rgb, &tiling);
+            for tile in &tiles {
+                self.config.normalization.extend_chw(tile, &mut pixel_values);
+            }
         }
         Ok(Encoding { input_ids, pixel_values, tile_size: size, images, prompt })
     }
@@ -266,10 +278,12 @@ impl Processor {
         let mut tiling = self.config.tiling;
         tiling.max_tiles = options.max_tiles.unwrap_or(tiling.max_tiles);
         tiling.min_tiles = options.min_tiles.unwrap_or(tiling.min_tiles);
-        if tiling.min_tiles == 0 || tiling.min_tiles > tiling.max_tiles {
+        if tiling.min_tiles == 0 || tiling.min_tiles > tiling.max_tiles || tiling.max_tiles > tiling::MAX_TILES {
             return Err(Error::Input(format!(
-                "tile limits must satisfy 1 <= min_tiles <= max_tiles, got {}..={}",
-                tiling.min_tiles, tiling.max_tiles
+                "tile limits must satisfy 1 <= min_tiles <= max_tiles <= {}, got {}..={}",
+                tiling::MAX_TILES,
+                tiling.min_tiles,
+                tiling.max_tiles
             )));
         }
         Ok(tiling)
@@ -386,6 +400,14 @@ fn processor_config(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Token
     }
     if !(normalization.rescale_factor.is_finite() && normalization.rescale_factor > 0.0) {
         return fail(format!("rescale_factor {} must be a finite number > 0", normalization.rescale_factor));
+    }
+    if tiling.min_tiles == 0 || tiling.min_tiles > tiling.max_tiles || tiling.max_tiles > tiling::MAX_TILES {
+        return fail(format!(
+            "tile limits must satisfy 1 <= min <= max <= {}, got {}..={}",
+            tiling::MAX_TILES,
+            tiling.min_tiles,
+            tiling.max_tiles
+        ));
     }
     if tiling.tile_size != vision_size {
         return Err(Error::config(

@@ -38,6 +38,10 @@ impl Grid {
     }
 }
 
+/// The most tiles per image a checkpoint or a call may ask for (InternVL uses up to 12; 40 in some
+/// evaluations): bounds the grid search and the memory of one image.
+pub const MAX_TILES: usize = 256;
+
 /// Every grid with `min <= cols * rows <= max`, ordered by tile count (stable, columns outer).
 pub fn candidate_grids(min_tiles: usize, max_tiles: usize) -> Vec<Grid> {
     let mut grids: Vec<Grid> = (1..=max_tiles)
@@ -66,6 +70,17 @@ pub fn best_grid(width: u32, height: u32, config: &TilingConfig) -> Grid {
         }
     }
     best
+}
+
+/// The grid an image of this size is cut into, and its number of tiles (thumbnail included),
+/// known before any pixel is touched.
+pub fn tile_layout(width: u32, height: u32, config: &TilingConfig) -> (Grid, usize) {
+    if !config.dynamic {
+        return (Grid { cols: 1, rows: 1 }, 1);
+    }
+    let grid = best_grid(width, height, config);
+    let thumbnail = usize::from(config.use_thumbnail && grid.tiles() > 1);
+    (grid, grid.tiles() + thumbnail)
 }
 
 /// Cuts an image into tiles of `tile_size`: the grid's tiles row by row, then the thumbnail.

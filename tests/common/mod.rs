@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::tensor::TensorView;
@@ -20,6 +22,34 @@ pub fn example(name: &str) -> PathBuf {
     // the test: target/<profile>/deps/<test>-<hash>; examples: target/<profile>/examples/<name>
     let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     profile_dir.join("examples").join(name)
+}
+
+/// A running `serve` example, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the `serve` example on a free loopback port with a fixture checkpoint.
+pub fn start_server(fixture: &str, name: &str, extra: &[&str]) -> Server {
+    let mut child = Command::new(example("serve"))
+        .args(["--model", model_dir(fixture).to_str().unwrap(), "--served-model-name", name, "--port", "0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}")).to_string();
+    Server { child, url }
 }
 
 /// `tests/fixtures/images/<name>`.
