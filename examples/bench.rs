@@ -81,6 +81,7 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
         head_dim: hidden / heads,
         rms_norm_eps: 1e-6,
         rope_theta: 1_000_000.0,
+        rope_scaling: vlm::nn::rope::RopeScaling::None,
         max_position_embeddings: 32_768,
         qkv_bias: true,
         o_bias: false,

@@ -2,11 +2,15 @@
 """Build the parity fixtures: tiny random-weight InternVL / NVLM-D checkpoints saved by HuggingFace
 transformers itself, plus the reference activations that `vlm`'s tests compare against.
 
-    pip install torch torchvision transformers        # CPU is enough; ~2 minutes, ~5 GB of wheels
-    python3 scripts/make_fixtures.py                  # writes tests/fixtures/ (~25 s on 2 cores)
+    pip install torch torchvision transformers sentencepiece protobuf   # CPU is enough; ~5 GB of wheels
+    python3 scripts/make_fixtures.py                  # writes tests/fixtures/ (~30 s on 2 cores)
+    python3 scripts/make_fixtures.py --only internvl2-internlm2,internvl-rope-dynamic
+                                                      # rewrites only those groups, nothing else
 
 Everything is seeded, so a re-run rewrites the same files (up to library version changes). No network
-is needed: the tokenizer is trained here on a small built-in corpus.
+is needed: the tokenizers are trained here on a small built-in corpus. Groups (`--only`): internvl3,
+internvl2-llama-untied, nvlm-d, processor, internvl2-internlm2, internvl-rope-linear, internvl-rope-dynamic,
+internvl-rope-llama3, internvl-rope-yarn. Without `--only` models/, reference/ and tokenizer/ are wiped first.
 
 Layout of the output:
     tests/fixtures/models/<name>/      a checkpoint as a user would download it (config.json, weights,
@@ -14,6 +18,8 @@ Layout of the output:
     tests/fixtures/reference/<weights>.safetensors  reference activations for one set of weights
     tests/fixtures/reference/<weights>.json         what it was computed with, and which checkpoints
                                                     hold those weights
+    tests/fixtures/tokenizer/internlm2.json         InternLM2 (SentencePiece) tokenizer cases: pieces and ids
+                                                    of test strings, decodes, and the InternVL chat prompt
 
 Models (every parameter re-randomised; default init leaves norms at 1 and biases at 0, hiding bugs):
     internvl3-hf           transformers layout (InternVLForConditionalGeneration), LayerNorm ViT with
@@ -26,6 +32,28 @@ Models (every parameter re-randomised; default init leaves norms at 1 and biases
                            pixel shuffle v1 and features from the second-to-last ViT layer
     nvlm-d                 NVLM-D layout (NVLM_D config): RMSNorm ViT with qk-norm and no qkv bias,
                            bias-free projector as wide as the decoder's MLP, untied Qwen2 decoder
+    internvl2-internlm2    OpenGVLab layout with an InternLM2 decoder, as InternVL2-2B/8B/26B and
+                           InternVL2_5-2B/8B/26B: llm_config InternLM2ForCausalLM (`bias: false`, rope_scaling
+                           {"type": "dynamic", "factor": 2.0} with max_position_embeddings 32768, so inactive),
+                           8 query / 2 KV heads of 8, `attention.wqkv` interleaved per KV group, `attention.wo`,
+                           `feed_forward.w1/w3/w2`, `attention_norm`, `ffn_norm`, untied `output`; a SentencePiece
+                           BPE tokenizer.model (no tokenizer.json) with InternLM2's settings; prompt = what
+                           InternVL's `model.chat()` builds (internlm2-chat template, BOS). The reference is
+                           transformers' Llama decoder (what convert_internvl_weights_to_hf.py maps InternLM2
+                           onto); the export is checked against an independent InternLM2 forward.
+    internvl-rope-linear   transformers layout, untied Llama decoder (head_dim 16), rope_parameters
+                           {"rope_type": "linear", "factor": 2.0}
+    internvl-rope-dynamic  the same with {"rope_type": "dynamic", "factor": 2.0} and max_position_embeddings 32
+                           under a 39-token prompt: inv_freq is recomputed at every forward (prompt and each
+                           cached decode step); the reference records seq_len and inv_freq per forward
+    internvl-rope-llama3   {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 8.0, "original_max_position_embeddings": 256}: 2 high, 2 medium
+                           (smoothed) and 4 low frequencies
+    internvl-rope-yarn     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}:
+                           ramp over dims 0..3, attention scaling 0.1 ln(4) + 1 on cos and sin
+    The RoPE and InternLM2 references also hold `greedy_step_logits` [steps, vocab] (the logits of every
+    greedy step, with the KV cache); the RoPE ones `rope_inv_freq` [steps, head_dim/2], `rope_seq_len`,
+    `rope_attention_scaling` per decoder forward (step 0 = the prompt).
 """
 
 import argparse
@@ -57,6 +85,7 @@ PATCH = 14
 TOKENS_PER_TILE = (TILE // PATCH // 2) ** 2  # after pixel shuffle with ratio 0.5: 16
 GREEDY_TOKENS = 8
 MIN_MARGIN = 0.01   # smallest top-1/top-2 logit gap accepted at every greedy step
+NEW_MIN_MARGIN = 0.05  # the same, for the fixtures added with the InternLM2 / RoPE-scaling work
 
 # ------------------------------------------------------------------------------------------------
 # Tokenizer: a byte-level BPE trained here, wrapped as a Qwen2 tokenizer with the chat and image
@@ -137,6 +166,387 @@ def build_tokenizer():
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = 512
     return tok
+
+
+# ------------------------------------------------------------------------------------------------
+# InternLM2 tokenizer (InternVL2/2.5-2B/8B/26B): a SentencePiece BPE `tokenizer.model` read by the
+# remote-code slow tokenizer `tokenization_internlm2.InternLM2Tokenizer`; no tokenizer.json.
+# ------------------------------------------------------------------------------------------------
+
+# InternVL's `internlm2-chat` conversation template (conversation.py; config "template" of InternVL2-2B/8B/26B):
+# ChatML with this default system message, separator "<|im_end|>" (no newline after it).
+INTERNVL_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+# `internvl2_5` template (InternVL2.5 checkpoints): another system message, separator "<|im_end|>\n".
+INTERNVL2_5_SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+# Extra training text: the system message (so its characters are pieces, as in the real 92k vocabulary),
+# indentation, runs of spaces and newlines.
+INTERNLM2_CORPUS_EXTRA = INTERNVL_SYSTEM_MESSAGE + """
+def main():
+    for i in range(10):
+        print("hello world", i)
+    return 0
+
+The  answer   is    here.
+Line one
+Line two
+
+Please describe the image in detail.
+"""
+
+# The last pieces of InternLM2's tokenizer.model are placeholders `[UNUSED_TOKEN_k]`; tokenizer_config.json's
+# added_tokens_decoder renames the last six (ids 92538..92543 in the real model) to the chat tokens.
+INTERNLM2_PLACEHOLDERS = 8
+INTERNLM2_CHAT_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
+                         "<|im_start|>"]
+# Added by InternVL's fine-tuning (`tokenizer.add_tokens(..., special_tokens=True)`) after the sentencepiece vocab
+# (ids 92544..92552 in the real model, config vocab_size 92553).
+INTERNVL_ADDED_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+# tokenizer_config.json chat_template of internlm/internlm2-chat-* (InternVL2's InternLM2 checkpoints inherit it).
+# Note: it starts with the BOS *text* and puts "\n" after <|im_end|>; the model's own `chat()` (conversation.py,
+# template `internlm2-chat`, separator style MPT) does neither: BOS comes from the tokenizer and turns are glued.
+INTERNLM2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_internlm2_sentencepiece():
+    """Train a tiny SentencePiece BPE with InternLM2's normalizer/trainer settings and append the placeholder
+    pieces at the end. Returns the serialized ModelProto (tokenizer.model bytes). Deterministic."""
+    import io
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2  # needs `protobuf`
+
+    lines = [line for line in (CORPUS + INTERNLM2_CORPUS_EXTRA).split("\n") if line]
+    # A few samples that contain newlines, so "\n" is a piece of its own (and "\n\n" a merge).
+    lines += ["Line one\nLine two\n\nLine three", "user\nassistant\nsystem\n"] * 2
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 4), model_writer=model,
+        model_type="bpe", vocab_size=480, hard_vocab_limit=False, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        num_threads=1, minloglevel=2,
+    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    first = 147 - INTERNLM2_PLACEHOLDERS  # the real ones end with [UNUSED_TOKEN_146]
+    for k in range(first, 147):
+        piece = proto.pieces.add()
+        piece.piece = f"[UNUSED_TOKEN_{k}]"
+        piece.score = 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    return proto.SerializeToString()
+
+
+class InternLM2TokenizerMirror:
+    """What `tokenization_internlm2.InternLM2Tokenizer` (the slow, remote-code tokenizer the InternVL2 model cards
+    load with `use_fast=False`) computes under transformers 4.37 (the version the checkpoints pin):
+
+    encode: transformers' `PreTrainedTokenizer.tokenize` splits the text on every added token (a trie,
+            longest match first; every added token has lstrip = rstrip = single_word = false, so no whitespace is
+            eaten around them), each remaining piece goes through `sp_model.encode(piece, out_type=str)` on its
+            own (so each piece starts a fresh sentencepiece "sentence"; the model has add_dummy_prefix=false, so
+            no "▁" is prepended, neither at the start nor after a special token), pieces map back with
+            `piece_to_id`; added tokens map through added_tokens_decoder (which overrides the placeholder
+            pieces). `add_special_tokens=True` prepends BOS (<s>, id 1; `add_bos_token: true`), no EOS.
+    decode: transformers 4.37 `PreTrainedTokenizer._decode` around InternLM2's `convert_tokens_to_string`."""
+
+    def __init__(self, model_bytes):
+        import sentencepiece as spm
+        from transformers.tokenization_python import Trie
+
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.sp_size = self.sp.get_piece_size()
+        self.added = {"<unk>": 0, "<s>": 1, "</s>": 2}
+        for i, token in enumerate(INTERNLM2_CHAT_TOKENS):
+            self.added[token] = self.sp_size - len(INTERNLM2_CHAT_TOKENS) + i
+        for i, token in enumerate(INTERNVL_ADDED_TOKENS):
+            self.added[token] = self.sp_size + i
+        self.id_to_added = {v: k for k, v in self.added.items()}
+        self.bos_id, self.eos_id, self.unk_id = 1, 2, 0
+        self.additional_special_tokens = ([INTERNLM2_CHAT_TOKENS[i] for i in (5, 4, 3, 2, 1, 0)]
+                                          + INTERNVL_ADDED_TOKENS)
+        # all_special_tokens in 4.37: bos, eos, unk, pad (= eos), then additional_special_tokens
+        self.all_special_tokens = list(dict.fromkeys(["<s>", "</s>", "<unk>", "</s>"] + self.additional_special_tokens))
+        self.all_special_ids = [self.added[t] for t in self.all_special_tokens]
+        self.trie = Trie()
+        for token in self.added:
+            self.trie.add(token)
+
+    def __len__(self):
+        return self.sp_size + len(INTERNVL_ADDED_TOKENS)
+
+    def token_to_id(self, token):
+        return self.added[token] if token in self.added else self.sp.piece_to_id(token)
+
+    def tokenize(self, text):
+        pieces = []
+        for part in self.trie.split(text):
+            if not part:
+                continue
+            if part in self.added:
+                pieces.append(part)
+            else:
+                pieces.extend(self.sp.encode(part, out_type=str))
+        return pieces
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [self.token_to_id(p) for p in self.tokenize(text)]
+        return ([self.bos_id] if add_special_tokens else []) + ids
+
+    @staticmethod
+    def clean_up_tokenization(text):
+        return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
+                .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
+                .replace(" 've", "'ve").replace(" 're", "'re"))
+
+    def convert_tokens_to_string(self, tokens):
+        """InternLM2Tokenizer.convert_tokens_to_string, verbatim in behaviour: a space before each special token
+        that follows a non-special one, clean_up_tokenization applied unconditionally, and
+        `_maybe_add_prefix_space` always adding a space (it tests a token *string* against a set of *ids*)
+        that `[1:]` then removes again."""
+        current, out, prev_is_special = [], "", False
+        for token in tokens:
+            if token in self.all_special_tokens:
+                if not prev_is_special:
+                    out += " "
+                out += self.sp.decode(current) + token
+                prev_is_special = True
+                current = []
+            else:
+                current.append(token)
+                prev_is_special = False
+        out += self.sp.decode(current)
+        out = self.clean_up_tokenization(out)
+        out = " " + out  # _maybe_add_prefix_space: `tokens[0] not in no_prefix_space_tokens` is always true
+        return out[1:]
+
+    def decode(self, ids, skip_special_tokens=False, spaces_between_special_tokens=True):
+        """transformers 4.37 PreTrainedTokenizer._decode (clean_up_tokenization_spaces is false in the config)."""
+        tokens = [self.id_to_added[i] if i in self.id_to_added else self.sp.id_to_piece(i)
+                  for i in ids if not (skip_special_tokens and i in self.all_special_ids)]
+        legacy_added = ({t for t in self.added if t not in self.all_special_tokens}
+                        | {t for t in self.additional_special_tokens if self.added[t] >= self.sp_size})
+        sub_texts, current = [], []
+        for token in tokens:
+            if token in legacy_added:
+                if current:
+                    string = self.convert_tokens_to_string(current)
+                    if string:
+                        sub_texts.append(string)
+                    current = []
+                sub_texts.append(token)
+            else:
+                current.append(token)
+        if current:
+            sub_texts.append(self.convert_tokens_to_string(current))
+        return (" " if spaces_between_special_tokens else "").join(sub_texts)
+
+
+def internlm2_tokenizer_config(mirror):
+    """tokenizer_config.json in the shape transformers 4.37 saved it for InternVL2-2B (slow tokenizer)."""
+    def entry(content):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True}
+    decoder = {str(i): entry(t) for t, i in sorted(mirror.added.items(), key=lambda kv: kv[1])}
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": mirror.additional_special_tokens,
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+        "bos_token": "<s>",
+        "chat_template": INTERNLM2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "decode_with_prefix_space": False,
+        "eos_token": "</s>",
+        "model_max_length": 8192,
+        "pad_token": "</s>",
+        "sp_model_kwargs": None,
+        "tokenizer_class": "InternLM2Tokenizer",
+        "unk_token": "<unk>",
+    }
+
+
+def write_internlm2_tokenizer_files(model_dir, model_bytes, mirror):
+    """tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json: no tokenizer.json."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "tokenizer.model").write_bytes(model_bytes)
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(internlm2_tokenizer_config(mirror), indent=2, ensure_ascii=False) + "\n")
+    (model_dir / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": mirror.additional_special_tokens, "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+    (model_dir / "added_tokens.json").write_text(json.dumps(
+        {t: i for t, i in mirror.added.items() if i >= mirror.sp_size}, indent=2) + "\n")
+
+
+def check_internlm2_mirror(model_bytes, mirror, texts):
+    """Cross-check the mirror against transformers' own slow-tokenizer machinery (PythonBackend in 5.x, same
+    tokenize() algorithm as 4.37) running a minimal InternLM2Tokenizer (same _tokenize / id mapping)."""
+    import sentencepiece as spm
+    from transformers import PreTrainedTokenizer
+    from tokenizers import AddedToken as AT
+
+    class MiniInternLM2Tokenizer(PreTrainedTokenizer):
+        def __init__(self, **kwargs):
+            self.sp_model = spm.SentencePieceProcessor(model_proto=model_bytes)
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self):
+            return self.sp_model.get_piece_size()
+
+        def get_vocab(self):
+            vocab = {self.convert_ids_to_tokens(i): i for i in range(self.vocab_size)}
+            vocab.update(self.added_tokens_encoder)
+            return vocab
+
+        def _tokenize(self, text, **kwargs):
+            return self.sp_model.encode(text, out_type=str)
+
+        def _convert_token_to_id(self, token):
+            return self.sp_model.piece_to_id(token)
+
+        def _convert_id_to_token(self, index):
+            return self.sp_model.IdToPiece(index)
+
+        def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+            return [self.sp_model.bos_id()] + token_ids_0 + (token_ids_1 or [])
+
+    config = internlm2_tokenizer_config(mirror)
+    tok = MiniInternLM2Tokenizer(
+        added_tokens_decoder={int(k): AT(**v) for k, v in config["added_tokens_decoder"].items()},
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+        additional_special_tokens=config["additional_special_tokens"],
+    )
+    for text in texts:
+        theirs = tok(text, add_special_tokens=False)["input_ids"]
+        ours = mirror.encode(text, add_special_tokens=False)
+        assert theirs == ours, (text, theirs, ours)
+        assert tok(text)["input_ids"] == mirror.encode(text), text
+    return tok
+
+
+INTERNLM2_TOKENIZER_CASES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    " leading space",
+    "   three leading spaces",
+    "trailing space ",
+    "a  b   c    d",
+    "line one\nline two\n\nline four\n",
+    "\n\nstarts with newlines",
+    "\tTab\tseparated",
+    "Digits 0123456789 and 2024-05-17, 3.14159",
+    "Le chat est sur le canapé. Der Hund läuft.",
+    "图片里有什么？猫がソファの上に座っています。",
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型",
+    "emoji 🐉 needs byte fallback 🙂!",
+    "mixed 中文 and English 123",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\n" + INTERNVL_SYSTEM_MESSAGE + "<|im_end|><|im_start|>user\n",
+    "<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is in this image?",
+    "text before <|im_end|> text after",
+    " <|im_end|>  two spaces after a special token",
+    "<s>bos text</s>",
+    "no<img>space</img>around",
+    "<ref>a cat</ref><box>[[10, 20, 30, 40]]</box>",
+    "<|im_start|><|im_end|>",
+    "[UNUSED_TOKEN_145] is a placeholder piece",
+    "",
+]
+
+
+def write_internlm2_tokenizer_reference(out_dir, model_bytes, mirror):
+    """tests/fixtures/tokenizer/internlm2.json: pieces and ids for INTERNLM2_TOKENIZER_CASES, decodes, the chat
+    prompt of InternVL's `model.chat()` and of the tokenizer_config chat_template."""
+    tok = check_internlm2_mirror(model_bytes, mirror, INTERNLM2_TOKENIZER_CASES)
+    cases = []
+    for text in INTERNLM2_TOKENIZER_CASES:
+        cases.append({"text": text, "pieces": mirror.tokenize(text),
+                      "ids": mirror.encode(text, add_special_tokens=False),
+                      "ids_with_bos": mirror.encode(text)})
+    decode_ids = [mirror.encode(t, add_special_tokens=False) for t in INTERNLM2_TOKENIZER_CASES[:15]]
+    decode_ids += [mirror.encode(t, add_special_tokens=False) for t in INTERNLM2_TOKENIZER_CASES[15:25]]
+    im_end = mirror.added["<|im_end|>"]
+    decode_ids += [[mirror.bos_id] + mirror.encode("Hello world", add_special_tokens=False) + [im_end],
+                   mirror.encode("🐉", add_special_tokens=False)[:2]]  # an incomplete UTF-8 sequence
+    decodes = [{"ids": ids, "text": mirror.decode(ids),
+                "text_skip_special": mirror.decode(ids, skip_special_tokens=True)} for ids in decode_ids]
+
+    # InternVL's model.chat(tokenizer, pixel_values, question, ...) with the `internlm2-chat` template.
+    question = "What is in this image?"
+    tiles = 2
+    chat_query = ("<|im_start|>system\n" + INTERNVL_SYSTEM_MESSAGE + "<|im_end|>"
+                  + "<|im_start|>user\n" + "<image>\n" + question + "<|im_end|>" + "<|im_start|>assistant\n")
+    expanded = chat_query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (TOKENS_PER_TILE * tiles) + "</img>", 1)
+    chat_ids = mirror.encode(expanded)
+    # The same call on an InternVL2.5 checkpoint (template `internvl2_5`, same tokenizer).
+    query_2_5 = ("<|im_start|>system\n" + INTERNVL2_5_SYSTEM_MESSAGE + "<|im_end|>\n"
+                 + "<|im_start|>user\n" + "<image>\n" + question + "<|im_end|>\n" + "<|im_start|>assistant\n")
+    expanded_2_5 = query_2_5.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (TOKENS_PER_TILE * tiles) + "</img>", 1)
+    # The tokenizer_config chat_template (what `apply_chat_template` renders), same image expansion, tokenized
+    # without adding BOS again (the template writes "<s>" as text, which the tokenizer splits out as id 1).
+    messages = [{"role": "user", "content": "<image>\n" + question}]
+    tok.chat_template = INTERNLM2_CHAT_TEMPLATE
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template_expanded = rendered.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (TOKENS_PER_TILE * tiles) + "</img>", 1)
+    template_ids = mirror.encode(template_expanded, add_special_tokens=False)
+    reference = {
+        "tokenizer": "tests/fixtures/models/internvl2-internlm2 (tokenizer.model + tokenizer_config.json)",
+        "sentencepiece_pieces": mirror.sp_size,
+        "vocab_size_with_added_tokens": len(mirror),
+        "special_ids": {t: i for t, i in sorted(mirror.added.items(), key=lambda kv: kv[1])},
+        "encode_rule": "split on added tokens (longest match, no stripping), sentencepiece-encode each other "
+                       "piece separately (add_dummy_prefix=false), BOS=1 prepended when add_special_tokens",
+        "cases": cases,
+        "decode_rule": "transformers 4.37 slow _decode + InternLM2Tokenizer.convert_tokens_to_string "
+                       "(spaces_between_special_tokens=True, clean_up_tokenization_spaces=False)",
+        "decodes": decodes,
+        "chat": {
+            "source": "InternVLChatModel.chat() with template 'internlm2-chat' (conversation.py, MPT separator style)",
+            "system_message": INTERNVL_SYSTEM_MESSAGE,
+            "question": question,
+            "tiles": tiles,
+            "tokens_per_tile": TOKENS_PER_TILE,
+            "query": chat_query,
+            "query_expanded": expanded,
+            "input_ids": chat_ids,
+            "eos_token_id": mirror.added["<|im_end|>"],
+            "stop_token_ids_in_conversation_py": [mirror.eos_id, mirror.added["<|im_start|>"], im_end],
+        },
+        "chat_internvl2_5": {
+            "source": "InternVLChatModel.chat() with template 'internvl2_5' (InternVL2.5 checkpoints), "
+                      "separator '<|im_end|>\\n'",
+            "system_message": INTERNVL2_5_SYSTEM_MESSAGE,
+            "question": question,
+            "tiles": tiles,
+            "query": query_2_5,
+            "query_expanded": expanded_2_5,
+            "input_ids": mirror.encode(expanded_2_5),
+            "eos_token_id": mirror.added["<|im_end|>"],
+        },
+        "chat_template": {
+            "source": "tokenizer_config.json chat_template rendered with add_generation_prompt=True, no system message",
+            "messages": messages,
+            "rendered": rendered,
+            "rendered_expanded": template_expanded,
+            "input_ids": template_ids,
+        },
+    }
+    tok_dir = out_dir / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "internlm2.json").write_text(json.dumps(reference, indent=1, ensure_ascii=False) + "\n")
+    print(f"  tokenizer internlm2: {mirror.sp_size} pieces + {len(INTERNVL_ADDED_TOKENS)} added, "
+          f"chat prompt {len(chat_ids)} tokens")
+    return chat_ids
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,6 +711,163 @@ def original_config(model, architecture, llm_architecture, llm_model_type, ps_ve
     }
 
 
+def interleave_internlm2_qkv(q, k, v, num_heads, num_kv_heads, head_dim):
+    """InternLM2's fused `attention.wqkv` [(H + 2 KV) * D, C]: for each KV head g, its H/KV query heads, then key
+    head g, then value head g (modeling_internlm2: rearrange(qkv, 'b q (h gs d) -> b q h gs d', gs=2+H/KV)).
+    Inverse of transformers' convert_internvl_weights_to_hf.py."""
+    groups = num_heads // num_kv_heads
+    c = q.shape[1]
+    q = q.reshape(num_kv_heads, groups, head_dim, c)
+    k = k.reshape(num_kv_heads, 1, head_dim, c)
+    v = v.reshape(num_kv_heads, 1, head_dim, c)
+    return torch.cat([q, k, v], dim=1).reshape((num_heads + 2 * num_kv_heads) * head_dim, c).contiguous()
+
+
+def to_internlm2_state_dict(state, vision_hidden, text):
+    """transformers keys (Llama decoder) -> OpenGVLab InternVLChatModel keys with an InternLM2 decoder."""
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    head_dim = text.head_dim
+    vision_and_projector = {k: v for k, v in state.items() if not k.startswith(("model.language_model.", "lm_head."))}
+    out = to_original_state_dict(vision_and_projector, vision_hidden)
+    renames = [("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+               ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"),
+               ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm")]
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            out["language_model.output.weight"] = value.contiguous()
+        elif key == "model.language_model.embed_tokens.weight":
+            out["language_model.model.tok_embeddings.weight"] = value.contiguous()
+        elif key == "model.language_model.norm.weight":
+            out["language_model.model.norm.weight"] = value.contiguous()
+        elif key.startswith("model.language_model.layers."):
+            k = "language_model.model." + key[len("model.language_model."):]
+            if ".self_attn.q_proj." in k:
+                prefix = key.rsplit(".self_attn.q_proj.", 1)[0]
+                leaf = key.rsplit(".", 1)[1]
+                assert leaf == "weight", "InternLM2 fixtures are bias-free"
+                fused = interleave_internlm2_qkv(state[f"{prefix}.self_attn.q_proj.weight"],
+                                                 state[f"{prefix}.self_attn.k_proj.weight"],
+                                                 state[f"{prefix}.self_attn.v_proj.weight"], heads, kv_heads, head_dim)
+                out[k.replace("self_attn.q_proj", "attention.wqkv")] = fused
+                continue
+            if ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+                continue
+            for a, b in renames:
+                k = k.replace(a, b)
+            out[k] = value.contiguous()
+    return out
+
+
+@torch.no_grad()
+def internlm2_text_logits(state, llm, input_ids):
+    """An independent InternLM2 decoder forward written from OpenGVLab's modeling_internlm2.py (eager attention,
+    no cache, plain RoPE below max_position_embeddings), reading the exported keys: checks the export."""
+    heads, kv_heads = llm["num_attention_heads"], llm["num_key_value_heads"]
+    hidden = llm["hidden_size"]
+    head_dim = hidden // heads
+    groups = heads // kv_heads
+    eps = llm["rms_norm_eps"]
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rotate_half(x):
+        return torch.cat((-x[..., head_dim // 2:], x[..., :head_dim // 2]), dim=-1)
+
+    prefix = "language_model.model."
+    x = state[prefix + "tok_embeddings.weight"][input_ids]  # [1, T, C]
+    t = x.shape[1]
+    inv_freq = 1.0 / (llm["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(t).float()[:, None] * inv_freq[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    for i in range(llm["num_hidden_layers"]):
+        p = f"{prefix}layers.{i}."
+        h = rms(x, state[p + "attention_norm.weight"])
+        qkv = (h @ state[p + "attention.wqkv.weight"].T).view(1, t, kv_heads, groups + 2, head_dim)
+        q = qkv[..., :groups, :].reshape(1, t, heads, head_dim).transpose(1, 2)
+        k = qkv[..., -2, :].transpose(1, 2)
+        v = qkv[..., -1, :].transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(head_dim) + mask, dim=-1)
+        o = (att @ v).transpose(1, 2).reshape(1, t, hidden)
+        x = x + o @ state[p + "attention.wo.weight"].T
+        h = rms(x, state[p + "ffn_norm.weight"])
+        gate = torch.nn.functional.silu(h @ state[p + "feed_forward.w1.weight"].T)
+        x = x + (gate * (h @ state[p + "feed_forward.w3.weight"].T)) @ state[p + "feed_forward.w2.weight"].T
+    x = rms(x, state[prefix + "norm.weight"])
+    return x @ state["language_model.output.weight"].T
+
+
+def internlm2_original_config(model, mirror):
+    """config.json like OpenGVLab/InternVL2-2B / InternVL2-8B (llm_config is an InternLM2Config,
+    transformers-4.37 spellings: rope_theta, rope_scaling {"type", "factor"}, torch_dtype)."""
+    config = original_config(model, "InternVLChatModel", "InternLM2ForCausalLM", "internlm2", "v2", -1)
+    t = model.config.text_config
+    rope = t.rope_parameters
+    config["llm_config"] = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "attn_implementation": "eager",
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "bias": False,
+        "bos_token_id": mirror.bos_id,
+        "eos_token_id": mirror.eos_id,
+        "hidden_act": "silu",
+        "hidden_size": t.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": t.intermediate_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "model_type": "internlm2",
+        "num_attention_heads": t.num_attention_heads,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_key_value_heads": t.num_key_value_heads,
+        "pad_token_id": mirror.eos_id,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_scaling": {"factor": rope["factor"], "type": rope["rope_type"]},
+        "rope_theta": rope["rope_theta"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.37.2",
+        "use_cache": True,
+        "vocab_size": t.vocab_size,
+    }
+    config["template"] = "internlm2-chat"
+    config["auto_map"] = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                          "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                          "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
+    return config
+
+
+def save_internlm2_original(model, model_dir, model_bytes, mirror):
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = internlm2_original_config(model, mirror)
+    state = to_internlm2_state_dict(model.state_dict(), model.config.vision_config.hidden_size,
+                                    model.config.text_config)
+    # The export must reproduce the transformers decoder it came from.
+    ids = torch.tensor([mirror.encode("<|im_start|>user\nWhat is in this image?<|im_end|>")])
+    expected = model.lm_head(model.model.language_model(input_ids=ids).last_hidden_state)
+    got = internlm2_text_logits(state, config["llm_config"], ids)
+    assert (expected - got).abs().max() < 1e-4, (expected - got).abs().max()
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_internlm2_tokenizer_files(model_dir, model_bytes, mirror)
+    # generation_config.json: eos is <|im_end|> (transformers' converter notes that the InternLM2-based
+    # checkpoints have "</s>" (2) in llm_config but "<|im_end|>" (92542) in generation_config).
+    (model_dir / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": mirror.added["<|im_end|>"], "transformers_version": "4.37.2"}, indent=2) + "\n")
+    (model_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": TILE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD, "resample": 3, "size": TILE,
+    }, indent=2) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------
 # References
 # ------------------------------------------------------------------------------------------------
@@ -316,8 +883,19 @@ def example_inputs(tok, image_token, tiles, seed):
     return pixel_values, torch.tensor([input_ids])
 
 
+def reset_dynamic_rope(model):
+    """transformers' dynamic RoPE is stateful (`inv_freq` and `max_seq_len_cached` grow with the longest
+    sequence seen and only reset once a sequence shorter than max_position_embeddings comes): put every rotary
+    embedding back to its freshly-initialised state so each reference is what a fresh model computes."""
+    for module in model.modules():
+        if hasattr(module, "original_inv_freq") and hasattr(module, "original_max_seq_len"):
+            module.inv_freq = module.original_inv_freq.clone()
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
 @torch.no_grad()
 def reference(model, pixel_values, input_ids, select_layer):
+    reset_dynamic_rope(model)
     vision_out = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
     hidden = vision_out.last_hidden_state if select_layer == -1 else vision_out.hidden_states[select_layer]
     image_features = model.model.get_image_features(
@@ -341,6 +919,30 @@ def reference(model, pixel_values, input_ids, select_layer):
         "logits": logits.contiguous(),
         "greedy_tokens": generated.to(torch.int64).contiguous(),
     }, margins
+
+
+@torch.no_grad()
+def rope_trace(model, pixel_values, input_ids):
+    """Re-run the greedy generation on a fresh rotary state and record, for every decoder forward, the
+    positions it covered and the inv_freq / attention scaling the rotary embedding actually used."""
+    reset_dynamic_rope(model)
+    rotary = model.model.language_model.rotary_emb
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        calls.append((position_ids[0].tolist(), module.inv_freq.detach().clone().float(),
+                      float(module.attention_scaling)))
+
+    handle = rotary.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=GREEDY_TOKENS,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    reset_dynamic_rope(model)
+    return calls, torch.cat([l.float() for l in out.logits], dim=0)  # [steps, vocab]
 
 
 def write_reference(out_dir, name, tensors, margins, notes):
@@ -635,39 +1237,33 @@ def write_processor_fixtures(out_dir, tok):
 
 
 
-def seeded_model(build, first_seed, tiles, image_token, tok, select_layer):
+def seeded_model(build, first_seed, tiles, image_token, tok, select_layer, make_inputs=None, min_margin=MIN_MARGIN):
     """Try seeds from `first_seed` until greedy decoding is unambiguous (every top-1/top-2 gap at least
     MIN_MARGIN, in f32 and with the weights rounded to bf16) and varied (at least 4 distinct tokens).
-    Deterministic: the same library versions pick the same seed."""
+    Deterministic: the same library versions pick the same seed. `make_inputs(seed)` overrides the prompt."""
     for seed in range(first_seed, first_seed + 50):
         model = build()
         rerandomise(model, seed)
-        pixel_values, input_ids = example_inputs(tok, image_token, tiles=tiles, seed=seed)
+        if make_inputs is None:
+            pixel_values, input_ids = example_inputs(tok, image_token, tiles=tiles, seed=seed)
+        else:
+            pixel_values, input_ids = make_inputs(seed)
         tensors, margins = reference(model, pixel_values, input_ids, select_layer)
         rounded = rounded_to_bf16(model)
         _, bf16_margins = reference(rounded, pixel_values, input_ids, select_layer)
-        if min(margins + bf16_margins) >= MIN_MARGIN and len(set(tensors["greedy_tokens"].tolist())) >= 4:
+        if min(margins + bf16_margins) >= min_margin and len(set(tensors["greedy_tokens"].tolist())) >= 4:
             return model, pixel_values, input_ids, tensors, margins, seed
     raise SystemExit("no seed gave unambiguous greedy tokens")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
-    args = parser.parse_args()
-    out_dir = Path(args.out)
-    models_dir = out_dir / "models"
-    shutil.rmtree(models_dir, ignore_errors=True)
-    shutil.rmtree(out_dir / "reference", ignore_errors=True)
-    torch.manual_seed(SEED)
-    torch.set_num_threads(2)
+# ------------------------------------------------------------------------------------------------
+# Fixture groups (each writes its own files; `--only` picks some)
+# ------------------------------------------------------------------------------------------------
 
-    tok = build_tokenizer()
+def make_internvl3(out_dir, tok):
+    models_dir = out_dir / "models"
     vocab = len(tok)
     img_ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
-    vision_pad = tok.convert_tokens_to_ids("<|vision_pad|>")
-    print(f"tokenizer: {vocab} tokens, <IMG_CONTEXT> = {img_ctx}, <|vision_pad|> = {vision_pad}")
-
     # --- InternVL3-style: one set of weights in three layouts ------------------------------------
     model, pixel_values, input_ids, tensors, margins, seed = seeded_model(
         lambda: build_model(vocab, img_ctx, vision_config("layer_norm", False, True),
@@ -689,6 +1285,11 @@ def main():
     write_reference(out_dir, "internvl3-bf16", tensors, margins,
                     {**notes, "weights": "bfloat16, computed in float32", "checkpoints": ["internvl3-hf-bf16"]})
 
+
+def make_internvl2_llama_untied(out_dir, tok):
+    vocab = len(tok)
+    img_ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+
     # --- InternVL2-style: Llama decoder, untied, pixel shuffle v1, second-to-last ViT layer --------
     def build_internvl2():
         m = build_model(vocab, img_ctx, vision_config("layer_norm", False, True), text_config("llama", vocab, False))
@@ -700,9 +1301,13 @@ def main():
     write_reference(out_dir, "internvl2-llama-untied", tensors, margins,
                     {"seed": seed, "tiles": 1, "select_layer": -2, "ps_version": "v1",
                      "checkpoints": ["internvl2-llama-untied"]})
-    save_original(model, models_dir / "internvl2-llama-untied", tok,
+    save_original(model, out_dir / "models" / "internvl2-llama-untied", tok,
                   original_config(model, "InternVLChatModel", "LlamaForCausalLM", "llama", "v1", -2))
 
+
+def make_nvlm_d(out_dir, tok):
+    vocab = len(tok)
+    vision_pad = tok.convert_tokens_to_ids("<|vision_pad|>")
     # --- NVLM-D-style ------------------------------------------------------------------------------
     model, _, _, tensors, margins, seed = seeded_model(
         lambda: build_model(vocab, vision_pad, vision_config("rms_norm", True, False),
@@ -711,10 +1316,167 @@ def main():
     write_reference(out_dir, "nvlm-d", tensors, margins,
                     {"seed": seed, "tiles": 3, "select_layer": -1, "ps_version": "v2", "checkpoints": ["nvlm-d"]})
     # NVLM-D-72B's llm_config names a Qwen2 architecture with a llama model_type.
-    save_original(model, models_dir / "nvlm-d", tok,
+    save_original(model, out_dir / "models" / "nvlm-d", tok,
                   original_config(model, "NVLM_D", "Qwen2ForCausalLM", "llama", "v2", -1))
 
-    write_processor_fixtures(out_dir, tok)
+
+def make_internvl2_internlm2(out_dir, tok):
+    """InternVL2-2B-style: InternLM2 decoder (GQA 8 query / 2 KV heads, head_dim 8, interleaved wqkv, bias-free,
+    untied `output`), InternLM2 SentencePiece tokenizer, `internlm2-chat` prompt with BOS."""
+    model_bytes = build_internlm2_sentencepiece()
+    mirror = InternLM2TokenizerMirror(model_bytes)
+    chat_ids = write_internlm2_tokenizer_reference(out_dir, model_bytes, mirror)
+    vocab = len(mirror)
+    img_ctx = mirror.added["<IMG_CONTEXT>"]
+    tiles = 2
+    text = dict(
+        model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0},
+        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        bos_token_id=mirror.bos_id, eos_token_id=mirror.eos_id, pad_token_id=mirror.eos_id,
+    )
+
+    def make_inputs(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(tiles, 3, TILE, TILE, generator=gen), torch.tensor([chat_ids])
+
+    model, _, _, tensors, margins, seed = seeded_model(
+        lambda: build_model(vocab, img_ctx, vision_config("layer_norm", False, True), text),
+        SEED + 300, tiles=tiles, image_token="<IMG_CONTEXT>", tok=None, select_layer=-1, make_inputs=make_inputs,
+        min_margin=NEW_MIN_MARGIN)
+    _, step_logits = rope_trace(model, tensors["pixel_values"], tensors["input_ids"])
+    assert torch.equal(step_logits.argmax(-1), tensors["greedy_tokens"])
+    tensors["greedy_step_logits"] = step_logits.contiguous()
+    write_reference(out_dir, "internvl2-internlm2", tensors, margins,
+                    {"seed": seed, "tiles": tiles, "select_layer": -1, "ps_version": "v2",
+                     "prompt": "tests/fixtures/tokenizer/internlm2.json chat.input_ids (model.chat() prompt, BOS)",
+                     "greedy_text": mirror.decode(tensors["greedy_tokens"].tolist()),
+                     "checkpoints": ["internvl2-internlm2"]})
+    save_internlm2_original(model, out_dir / "models" / "internvl2-internlm2", model_bytes, mirror)
+
+
+# RoPE-scaling fixtures: transformers layout (like internvl3-hf), untied Llama decoder with head_dim 16.
+ROPE_FIXTURES = {
+    "internvl-rope-linear": dict(
+        seed=SEED + 400, tiles=1, max_position_embeddings=512,
+        rope={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    # max_position_embeddings 32 and a one-tile prompt of 36 tokens: inv_freq is recomputed at every forward.
+    "internvl-rope-dynamic": dict(
+        seed=SEED + 500, tiles=1, max_position_embeddings=32,
+        rope={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    # head_dim 16, theta 1e4: wavelengths 6.3, 19.9, 62.8, 199, 628, 1987, 6283, 19869; with original 256 and
+    # low/high factors 1/8 the bands are high (< 32): 2, medium (32..256): 2, low (> 256): 4.
+    "internvl-rope-llama3": dict(
+        seed=SEED + 600, tiles=1, max_position_embeddings=1024,
+        rope={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+              "original_max_position_embeddings": 256, "rope_theta": 10000.0}),
+    # Qwen2.5-style yarn entry (factor + original_max_position_embeddings, defaults for the rest).
+    "internvl-rope-yarn": dict(
+        seed=SEED + 700, tiles=1, max_position_embeddings=512,
+        rope={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}),
+}
+
+
+def make_rope_fixture(out_dir, tok, name):
+    spec = ROPE_FIXTURES[name]
+    vocab = len(tok)
+    img_ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    text = dict(
+        model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        max_position_embeddings=spec["max_position_embeddings"], rope_parameters=dict(spec["rope"]),
+        tie_word_embeddings=False, hidden_act="silu",
+    )
+    model, pixel_values, input_ids, tensors, margins, seed = seeded_model(
+        lambda: build_model(vocab, img_ctx, vision_config("layer_norm", False, True), dict(text)),
+        spec["seed"], tiles=spec["tiles"], image_token="<IMG_CONTEXT>", tok=tok, select_layer=-1,
+        min_margin=NEW_MIN_MARGIN)
+    calls, step_logits = rope_trace(model, pixel_values, input_ids)
+    # calls[0] is the prompt (prefill) forward, calls[1:] one decode step each.
+    assert len(calls) == GREEDY_TOKENS and len(calls[0][0]) == input_ids.shape[1]
+    assert torch.equal(step_logits.argmax(-1), tensors["greedy_tokens"])
+    tensors["greedy_step_logits"] = step_logits.contiguous()                             # [steps, vocab]
+    tensors["rope_inv_freq"] = torch.stack([c[1] for c in calls]).contiguous()           # [steps, head_dim/2]
+    tensors["rope_seq_len"] = torch.tensor([max(c[0]) + 1 for c in calls], dtype=torch.int64)
+    tensors["rope_attention_scaling"] = torch.tensor([c[2] for c in calls], dtype=torch.float32)
+    rotary = model.model.language_model.rotary_emb
+    notes = {
+        "seed": seed, "tiles": spec["tiles"], "select_layer": -1, "ps_version": "v2", "checkpoints": [name],
+        "rope_parameters": model.config.text_config.rope_parameters,
+        "max_position_embeddings": model.config.text_config.max_position_embeddings,
+        "prompt_tokens": int(input_ids.shape[1]),
+        "attention_scaling": float(rotary.attention_scaling),
+        "inv_freq_at_init": rotary.original_inv_freq.tolist(),
+        "forwards": [{"positions": [c[0][0], c[0][-1]], "seq_len": max(c[0]) + 1, "inv_freq": c[1].tolist(),
+                      "attention_scaling": c[2]} for c in calls],
+    }
+    write_reference(out_dir, name, tensors, margins, notes)
+    save_hf(model, out_dir / "models" / name, tok)
+
+
+GROUPS = ["internvl3", "internvl2-llama-untied", "nvlm-d", "processor", "internvl2-internlm2"] + list(ROPE_FIXTURES)
+# Files each group owns under tests/fixtures (what `--only` deletes before rewriting).
+GROUP_FILES = {
+    "internvl3": ["models/internvl3-hf", "models/internvl3-hf-sharded", "models/internvl3-original",
+                  "models/internvl3-hf-bf16", "reference/internvl3.safetensors", "reference/internvl3.json",
+                  "reference/internvl3-bf16.safetensors", "reference/internvl3-bf16.json"],
+    "internvl2-llama-untied": ["models/internvl2-llama-untied", "reference/internvl2-llama-untied.safetensors",
+                               "reference/internvl2-llama-untied.json"],
+    "nvlm-d": ["models/nvlm-d", "reference/nvlm-d.safetensors", "reference/nvlm-d.json"],
+    "processor": ["processor"],  # images/ is rewritten in place
+    "internvl2-internlm2": ["models/internvl2-internlm2", "reference/internvl2-internlm2.safetensors",
+                            "reference/internvl2-internlm2.json", "tokenizer/internlm2.json"],
+    **{name: [f"models/{name}", f"reference/{name}.safetensors", f"reference/{name}.json"] for name in ROPE_FIXTURES},
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+    parser.add_argument("--only", default=None,
+                        help="comma-separated fixture groups to (re)write, leaving everything else untouched: "
+                             + ", ".join(GROUPS))
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    if args.only is None:
+        groups = GROUPS
+        shutil.rmtree(out_dir / "models", ignore_errors=True)
+        shutil.rmtree(out_dir / "reference", ignore_errors=True)
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+    else:
+        groups = [g.strip() for g in args.only.split(",") if g.strip()]
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown:
+            raise SystemExit(f"unknown fixture group(s) {unknown}; known: {GROUPS}")
+        for group in groups:
+            for rel in GROUP_FILES[group]:
+                path = out_dir / rel
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    torch.manual_seed(SEED)
+    torch.set_num_threads(2)
+
+    tok = build_tokenizer()
+    print(f"tokenizer: {len(tok)} tokens, <IMG_CONTEXT> = {tok.convert_tokens_to_ids('<IMG_CONTEXT>')}, "
+          f"<|vision_pad|> = {tok.convert_tokens_to_ids('<|vision_pad|>')}")
+
+    for group in groups:
+        if group == "internvl3":
+            make_internvl3(out_dir, tok)
+        elif group == "internvl2-llama-untied":
+            make_internvl2_llama_untied(out_dir, tok)
+        elif group == "nvlm-d":
+            make_nvlm_d(out_dir, tok)
+        elif group == "processor":
+            write_processor_fixtures(out_dir, tok)
+        elif group == "internvl2-internlm2":
+            make_internvl2_internlm2(out_dir, tok)
+        else:
+            make_rope_fixture(out_dir, tok, group)
 
     total = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     print(f"wrote {out_dir} ({total / 1e6:.1f} MB)")

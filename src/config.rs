@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::models::{InternVlConfig, InternVlVariant};
+use crate::nn::rope::{RopeScaling, yarn_attention_factor};
 use crate::nn::{Activation, NormKind};
 use crate::projector::{PixelShuffleVersion, ProjectorConfig};
 use crate::text::TextConfig;
@@ -34,6 +35,9 @@ pub enum CheckpointLayout {
     Transformers,
     /// OpenGVLab's names: `vision_model.*` with fused `attn.qkv`, `mlp1.*`, `language_model.model.*`.
     OpenGvLab,
+    /// OpenGVLab's names with an InternLM2 decoder: `tok_embeddings`, `attention.wqkv` (q, k and v
+    /// interleaved per key/value group), `attention.wo`, `feed_forward.w1/w3/w2`, `output`.
+    OpenGvLabInternLm2,
 }
 
 /// The architectures (`config.json` → `architectures[0]`) this crate loads.
@@ -226,18 +230,89 @@ impl Size {
     }
 }
 
-/// transformers-5 `rope_parameters`.
+/// transformers-5 `rope_parameters` or transformers-4 `rope_scaling` (null for plain RoPE): the
+/// type and the fields `modeling_rope_utils.py` reads for it.
 #[derive(Deserialize, Clone, Default)]
-struct RopeParameters {
+struct RopeJson {
     rope_theta: Option<f64>,
-    rope_type: Option<String>,
-}
-
-/// transformers-4 `rope_scaling` (null for plain RoPE).
-#[derive(Deserialize, Clone, Default)]
-struct RopeScaling {
     #[serde(alias = "type")]
     rope_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    attention_factor: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    truncate: Option<bool>,
+}
+
+impl RopeJson {
+    /// The scaling this describes, with transformers' defaults for what it leaves out.
+    fn scaling(&self, max_position_embeddings: usize, path: &Path) -> Result<RopeScaling> {
+        let kind = self.rope_type.as_deref().unwrap_or("default");
+        let required = |name: &str, value: Option<f64>| {
+            value.filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| {
+                Error::config(path, format!("RoPE scaling {kind:?} needs a finite {name} > 0, got {value:?}"))
+            })
+        };
+        let factor = || {
+            let factor = required("factor", self.factor)?;
+            if factor < 1.0 {
+                return Err(Error::config(path, format!("RoPE scaling factor {factor} is below 1")));
+            }
+            Ok(factor)
+        };
+        Ok(match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "dynamic" => RopeScaling::Dynamic { factor: factor()? },
+            "llama3" => {
+                let low_freq_factor = required("low_freq_factor", self.low_freq_factor)?;
+                let high_freq_factor = required("high_freq_factor", self.high_freq_factor)?;
+                if low_freq_factor == high_freq_factor {
+                    return Err(Error::config(path, "llama3 RoPE scaling needs low_freq_factor != high_freq_factor"));
+                }
+                RopeScaling::Llama3 {
+                    factor: factor()?,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: required(
+                        "original_max_position_embeddings",
+                        self.original_max_position_embeddings,
+                    )?,
+                }
+            }
+            "yarn" => {
+                let factor = factor()?;
+                let original = self.original_max_position_embeddings.unwrap_or(max_position_embeddings as f64);
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: required("original_max_position_embeddings", Some(original))?,
+                    beta_fast: required("beta_fast", Some(self.beta_fast.unwrap_or(32.0)))?,
+                    beta_slow: required("beta_slow", Some(self.beta_slow.unwrap_or(1.0)))?,
+                    attention_factor: required(
+                        "attention_factor",
+                        Some(
+                            self.attention_factor
+                                .unwrap_or_else(|| yarn_attention_factor(factor, self.mscale, self.mscale_all_dim)),
+                        ),
+                    )?,
+                    truncate: self.truncate.unwrap_or(true),
+                }
+            }
+            other => {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "RoPE scaling type {other:?} is not supported (supported: default, linear, dynamic, llama3, yarn)"
+                    ),
+                ));
+            }
+        })
+    }
 }
 
 /// A decoder config (`text_config` or `llm_config`): Qwen2Config / LlamaConfig fields.
@@ -255,22 +330,29 @@ struct TextJson {
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RopeParameters>,
-    rope_scaling: Option<RopeScaling>,
+    rope_parameters: Option<RopeJson>,
+    rope_scaling: Option<RopeJson>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+    /// InternLM2's name for biases on `wqkv` and `wo`.
+    bias: Option<bool>,
     hidden_act: Option<Activation>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
 }
 
 /// Decoder architectures the text side supports.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum TextArchitecture {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextArchitecture {
+    /// `Qwen2ForCausalLM`: Llama with q/k/v biases.
     Qwen2,
+    /// `LlamaForCausalLM`.
     Llama,
+    /// `InternLM2ForCausalLM` (OpenGVLab's remote code): Llama computed, with its own tensor names
+    /// and q/k/v fused and interleaved per key/value group.
+    InternLm2,
 }
 
 impl TextJson {
@@ -279,36 +361,36 @@ impl TextJson {
         let named = |name: &str| match name {
             "Qwen2ForCausalLM" | "qwen2" => Some(TextArchitecture::Qwen2),
             "LlamaForCausalLM" | "llama" => Some(TextArchitecture::Llama),
+            "InternLM2ForCausalLM" | "internlm2" => Some(TextArchitecture::InternLm2),
             _ => None,
         };
         if let Some(first) = self.architectures.first() {
             return named(first).ok_or_else(|| Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 architectures: self.architectures.clone(),
-                supported: "decoders Qwen2ForCausalLM, LlamaForCausalLM".into(),
+                supported: "decoders Qwen2ForCausalLM, LlamaForCausalLM, InternLM2ForCausalLM".into(),
             });
         }
         match &self.model_type {
             Some(model_type) => named(model_type).ok_or_else(|| Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 architectures: vec![model_type.clone()],
-                supported: "decoder model types qwen2, llama".into(),
+                supported: "decoder model types qwen2, llama, internlm2".into(),
             }),
             None => Ok(default),
         }
     }
 
-    /// Converts with the defaults of transformers' Qwen2Config / LlamaConfig.
-    fn convert(&self, default_arch: TextArchitecture, default_tie: bool, path: &Path) -> Result<TextConfig> {
-        let arch = self.architecture(default_arch, path)?;
-        let rope_type = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_type.clone())
-            .or_else(|| self.rope_scaling.as_ref().and_then(|s| s.rope_type.clone()));
-        if let Some(kind) = rope_type.filter(|kind| kind != "default") {
-            return Err(Error::config(path, format!("RoPE scaling type {kind:?} is not supported")));
-        }
+    /// Converts with the defaults of transformers' Qwen2Config / LlamaConfig (and OpenGVLab's
+    /// InternLM2Config).
+    fn convert(&self, arch: TextArchitecture, default_tie: bool, path: &Path) -> Result<TextConfig> {
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(match arch {
+            TextArchitecture::Qwen2 => 32_768,
+            TextArchitecture::Llama | TextArchitecture::InternLm2 => 2_048,
+        });
+        // transformers 5 keeps the scaling in rope_parameters; 4.x in rope_scaling.
+        let rope = self.rope_parameters.as_ref().filter(|p| p.rope_type.is_some()).or(self.rope_scaling.as_ref());
+        let rope_scaling = rope.map_or(Ok(RopeScaling::None), |rope| rope.scaling(max_position_embeddings, path))?;
         let rope_theta =
             self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0);
         let hidden_size = self.hidden_size.unwrap_or(4096);
@@ -317,15 +399,22 @@ impl TextJson {
             return Err(Error::config(path, "num_attention_heads is 0"));
         }
         let attention_bias = self.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            TextArchitecture::Qwen2 => (true, false),
+            TextArchitecture::Llama => (attention_bias, attention_bias),
+            // InternLM2Config's `bias` (default true) is on both wqkv and wo.
+            TextArchitecture::InternLm2 => (self.bias.unwrap_or(true), self.bias.unwrap_or(true)),
+        };
         Ok(TextConfig {
             vocab_size: self.vocab_size.unwrap_or(match arch {
                 TextArchitecture::Qwen2 => 151_936,
                 TextArchitecture::Llama => 32_000,
+                TextArchitecture::InternLm2 => 103_168,
             }),
             hidden_size,
             intermediate_size: self.intermediate_size.unwrap_or(match arch {
                 TextArchitecture::Qwen2 => 22_016,
-                TextArchitecture::Llama => 11_008,
+                TextArchitecture::Llama | TextArchitecture::InternLm2 => 11_008,
             }),
             num_hidden_layers: self.num_hidden_layers.unwrap_or(32),
             num_attention_heads: heads,
@@ -333,12 +422,10 @@ impl TextJson {
             head_dim: self.head_dim.unwrap_or(hidden_size / heads),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(match arch {
-                TextArchitecture::Qwen2 => 32_768,
-                TextArchitecture::Llama => 2_048,
-            }),
-            qkv_bias: arch == TextArchitecture::Qwen2 || attention_bias,
-            o_bias: arch == TextArchitecture::Llama && attention_bias,
+            rope_scaling,
+            max_position_embeddings,
+            qkv_bias,
+            o_bias,
             mlp_bias: self.mlp_bias.unwrap_or(false),
             hidden_act: self.hidden_act.unwrap_or(Activation::Silu),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(default_tie),
@@ -441,7 +528,12 @@ impl HfConfig {
         };
         // transformers 5 ties on the top-level flag (default true); 4.x files may carry it only in text_config.
         let tie = self.tie_word_embeddings.or(self.text_config.tie_word_embeddings).unwrap_or(true);
-        let mut text = self.text_config.convert(TextArchitecture::Qwen2, tie, path)?;
+        let arch = self.text_config.architecture(TextArchitecture::Qwen2, path)?;
+        if arch == TextArchitecture::InternLm2 {
+            // transformers' converter maps InternLM2 onto Llama; this layout never holds it.
+            return Err(Error::config(path, "an InternLM2 decoder in the transformers layout (convert it to Llama)"));
+        }
+        let mut text = self.text_config.convert(arch, tie, path)?;
         text.tie_word_embeddings = tie;
         let shuffle_factor = shuffle_factor(self.downsample_ratio, path)?;
         let projector = ProjectorConfig {
@@ -550,7 +642,8 @@ impl OriginalConfig {
             num_channels: v.num_channels,
             hidden_act: v.hidden_act,
         };
-        let text = self.llm_config.convert(TextArchitecture::Qwen2, false, path)?;
+        let arch = self.llm_config.architecture(TextArchitecture::Qwen2, path)?;
+        let text = self.llm_config.convert(arch, false, path)?;
         let shuffle_factor = shuffle_factor(self.downsample_ratio, path)?;
         let nvlm = architecture == Architecture::NvlmD;
         let projector = ProjectorConfig {
@@ -564,7 +657,10 @@ impl OriginalConfig {
         };
         Ok(CheckpointConfig {
             architecture,
-            layout: CheckpointLayout::OpenGvLab,
+            layout: match arch {
+                TextArchitecture::InternLm2 => CheckpointLayout::OpenGvLabInternLm2,
+                _ => CheckpointLayout::OpenGvLab,
+            },
             model: InternVlConfig {
                 variant: if nvlm { InternVlVariant::NvlmD } else { InternVlVariant::InternVl },
                 vision,
@@ -768,10 +864,10 @@ mod tests {
     fn unsupported_rope_scaling_is_refused() {
         let error = parse(&format!(
             r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION},
-            "text_config": {{"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {{"type": "dynamic", "factor": 2.0}}}}}}"#
+            "text_config": {{"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {{"type": "longrope", "factor": 2.0}}}}}}"#
         ))
         .unwrap_err();
-        assert!(error.to_string().contains("dynamic"), "{error}");
+        assert!(error.to_string().contains("longrope"), "{error}");
     }
 
     #[test]
@@ -793,6 +889,78 @@ mod tests {
         ))
         .unwrap_err();
         assert!(matches!(&error, Error::Config { message, .. } if message.contains("layer_norm_eps")), "{error}");
+    }
+
+    fn text_with(rope: &str) -> Result<CheckpointConfig> {
+        parse(&format!(
+            r#"{{"architectures": ["InternVLForConditionalGeneration"], {HF_VISION},
+            "text_config": {{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "max_position_embeddings": 4096, {rope}}}}}"#
+        ))
+    }
+
+    #[test]
+    fn rope_scaling_reads_transformers_4_and_5_spellings() {
+        let v4 = text_with(r#""rope_theta": 500000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}"#).unwrap();
+        let v5 =
+            text_with(r#""rope_parameters": {"rope_type": "dynamic", "factor": 2, "rope_theta": 500000}"#).unwrap();
+        assert_eq!(v4.model.text.rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
+        assert_eq!(v4.model.text, v5.model.text);
+        let llama3 = text_with(
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}"#,
+        )
+        .unwrap();
+        assert!(matches!(llama3.model.text.rope_scaling, RopeScaling::Llama3 { factor: 8.0, .. }));
+        // YaRN's defaults: beta 32 / 1, the original context from max_position_embeddings, 0.1 ln(f) + 1.
+        let yarn = text_with(r#""rope_scaling": {"type": "yarn", "factor": 4.0}"#).unwrap();
+        let RopeScaling::Yarn {
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+            ..
+        } = yarn.model.text.rope_scaling
+        else {
+            panic!("{:?}", yarn.model.text.rope_scaling)
+        };
+        assert_eq!((original_max_position_embeddings, beta_fast, beta_slow, truncate), (4096.0, 32.0, 1.0, true));
+        assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn incomplete_or_unknown_rope_scaling_is_a_config_error() {
+        for rope in [
+            r#""rope_scaling": {"type": "linear"}"#,
+            r#""rope_scaling": {"type": "dynamic", "factor": 0.5}"#,
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+            r#""rope_parameters": {"rope_type": "su", "factor": 2.0}"#,
+        ] {
+            assert!(matches!(text_with(rope), Err(Error::Config { .. })), "{rope}");
+        }
+    }
+
+    #[test]
+    fn internlm2_decoder_reads_its_own_field_names() {
+        let config = parse(
+            r#"{"architectures": ["InternVLChatModel"], "vision_config": {"image_size": 448},
+            "llm_config": {"architectures": ["InternLM2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "bias": false, "rope_scaling": {"type": "dynamic", "factor": 3.0}}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.layout, CheckpointLayout::OpenGvLabInternLm2);
+        let text = &config.model.text;
+        assert!(!text.qkv_bias && !text.o_bias && !text.tie_word_embeddings);
+        assert_eq!((text.head_dim, text.vocab_size), (8, 103_168));
+        assert_eq!(text.rope_scaling, RopeScaling::Dynamic { factor: 3.0 });
+        // InternLM2Config's `bias` defaults to true.
+        let biased = parse(
+            r#"{"architectures": ["InternVLChatModel"], "vision_config": {"image_size": 448},
+            "llm_config": {"architectures": ["InternLM2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 8}}"#,
+        )
+        .unwrap();
+        assert!(biased.model.text.qkv_bias && biased.model.text.o_bias);
     }
 
     #[test]

@@ -44,6 +44,9 @@ fn greedy_tokens_equal_transformers_generate_for_every_fixture() {
         ("internvl3-hf-bf16", "internvl3-bf16"),
         ("internvl2-llama-untied", "internvl2-llama-untied"),
         ("nvlm-d", "nvlm-d"),
+        ("internvl2-internlm2", "internvl2-internlm2"),
+        ("internvl-rope-dynamic", "internvl-rope-dynamic"),
+        ("internvl-rope-yarn", "internvl-rope-yarn"),
     ] {
         let vlm = vlm(checkpoint);
         let reference = Reference::load(weights);

@@ -18,6 +18,11 @@ const CASES: &[(&str, &str)] = &[
     ("internvl3-hf-bf16", "internvl3-bf16"),
     ("internvl2-llama-untied", "internvl2-llama-untied"),
     ("nvlm-d", "nvlm-d"),
+    ("internvl2-internlm2", "internvl2-internlm2"),
+    ("internvl-rope-linear", "internvl-rope-linear"),
+    ("internvl-rope-dynamic", "internvl-rope-dynamic"),
+    ("internvl-rope-llama3", "internvl-rope-llama3"),
+    ("internvl-rope-yarn", "internvl-rope-yarn"),
 ];
 
 fn load(checkpoint: &str) -> InternVlModel {
@@ -97,6 +102,35 @@ fn greedy_tokens_match_transformers_generate() {
         let expected = reference.ids("greedy_tokens").concat();
         let tokens = greedy(&model, &inputs(&reference, &model), expected.len());
         assert_eq!(tokens, expected, "{checkpoint}");
+    }
+}
+
+/// Each greedy step's logits with the KV cache against transformers' `generate` (where the
+/// dynamic RoPE recomputes its frequencies at every step and cached keys keep theirs).
+#[test]
+fn every_cached_decode_step_matches_transformers() {
+    for &(checkpoint, weights) in
+        CASES.iter().filter(|(_, weights)| weights.starts_with("internvl-rope") || weights.contains("internlm2"))
+    {
+        let reference = Reference::load(weights);
+        let model = load(checkpoint);
+        let inputs = inputs(&reference, &model);
+        let (shape, steps) = reference.floats("greedy_step_logits");
+        let expected = reference.ids("greedy_tokens").concat();
+        let [count, vocab] = [shape[0], shape[1]];
+        let mut cache = model.new_cache(1, inputs.input_ids[0].len() + count);
+        let mut logits = model.forward(&inputs, &mut cache).unwrap();
+        let mut worst = 0f32;
+        for (step, &token) in expected.iter().enumerate() {
+            let [_, len, _] = logits.dims();
+            let last = logits.narrow(1, len - 1, 1).reshape([vocab]).into_data().try_to_vec::<f32>().unwrap();
+            let error = common::relative_error_of(&last, &steps[step * vocab..(step + 1) * vocab]);
+            worst = worst.max(error);
+            assert!(error <= TOLERANCE, "{checkpoint}: step {step} logits relative error {error:e}");
+            let next = ModelInputs { input_ids: vec![vec![token]], pixel_values: None };
+            logits = model.forward(&next, &mut cache).unwrap();
+        }
+        eprintln!("{checkpoint}: {count} cached decode steps, worst logits relative error {worst:e}");
     }
 }
 

@@ -5,16 +5,64 @@
 //! (`vision_tower.*`, `multi_modal_projector.*`, `language_model.*`, `lm_head.*`).
 
 use crate::config::CheckpointLayout;
+use crate::text::TextConfig;
 
 /// A place in the checkpoint that fills one parameter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     /// Checkpoint tensor name.
     pub name: String,
-    /// Which block of rows (`part` of `parts` equal blocks along dim 0); `0` of `1` is the whole tensor.
-    pub part: usize,
-    /// Number of row blocks the tensor is split into.
-    pub parts: usize,
+    /// Which of its rows (dim 0).
+    pub rows: Rows,
+}
+
+/// Which rows of a stored tensor fill a parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// All of them.
+    All,
+    /// Block `index` of `count` equal blocks (q, k and v fused one after the other).
+    Block {
+        /// Which block.
+        index: usize,
+        /// How many blocks.
+        count: usize,
+    },
+    /// Rows `offset..offset + take` of each of `groups` groups of `group_rows` rows, concatenated
+    /// (q, k and v interleaved per key/value group, as InternLM2's `wqkv`).
+    Strided {
+        /// Groups (key/value heads).
+        groups: usize,
+        /// Rows per group.
+        group_rows: usize,
+        /// First row taken in each group.
+        offset: usize,
+        /// Rows taken from each group.
+        take: usize,
+    },
+}
+
+impl Rows {
+    /// Rows the stored tensor has when the parameter has `rows`.
+    pub fn stored(self, rows: usize) -> usize {
+        match self {
+            Rows::All => rows,
+            Rows::Block { count, .. } => rows * count,
+            Rows::Strided { groups, group_rows, .. } => groups * group_rows,
+        }
+    }
+
+    /// The row ranges taken, in order, when the parameter has `rows` rows.
+    #[allow(clippy::single_range_in_vec_init)] // a list of ranges, of which there can be one
+    pub fn ranges(self, rows: usize) -> Vec<std::ops::Range<usize>> {
+        match self {
+            Rows::All => vec![0..rows],
+            Rows::Block { index, .. } => vec![index * rows..(index + 1) * rows],
+            Rows::Strided { groups, group_rows, offset, take } => {
+                (0..groups).map(|group| group * group_rows + offset..group * group_rows + offset + take).collect()
+            }
+        }
+    }
 }
 
 /// A substring rewrite from canonical to checkpoint names; `^` anchors it at the start.
@@ -22,6 +70,14 @@ struct Rename(&'static str, &'static str);
 
 /// A parameter stored as a block of rows of a fused tensor: `(canonical infix, fused infix, block, blocks)`.
 struct Fused(&'static str, &'static str, usize, usize);
+
+/// Which of q, k, v a parameter of InternLM2's interleaved `wqkv` is.
+#[derive(Clone, Copy)]
+enum Qkv {
+    Q,
+    K,
+    V,
+}
 
 /// transformers' hub layout (what `save_pretrained` writes). Each parameter also has a fallback
 /// with transformers' in-memory names (`model.` prefix, top-level `lm_head`), which some tools save.
@@ -62,26 +118,74 @@ const OPENGVLAB: &[Rename] = &[
     Rename("^lm_head.", "language_model.lm_head."),
 ];
 
-/// Candidate sources for a canonical parameter name, most likely first.
-pub fn sources(layout: CheckpointLayout, canonical: &str) -> Vec<Source> {
+/// InternLM2's decoder names (OpenGVLab's `modeling_internlm2.py`) inside OpenGVLab's
+/// `language_model.model.*`; the vision tower and projector follow [`OPENGVLAB`].
+const INTERNLM2: &[Rename] = &[
+    Rename("^language_model.embed_tokens.", "language_model.model.tok_embeddings."),
+    Rename("^language_model.layers.", "language_model.model.layers."),
+    Rename("^language_model.norm.", "language_model.model.norm."),
+    Rename(".self_attn.o_proj.", ".attention.wo."),
+    Rename(".mlp.gate_proj.", ".feed_forward.w1."),
+    Rename(".mlp.up_proj.", ".feed_forward.w3."),
+    Rename(".mlp.down_proj.", ".feed_forward.w2."),
+    Rename(".input_layernorm.", ".attention_norm."),
+    Rename(".post_attention_layernorm.", ".ffn_norm."),
+    Rename("^lm_head.", "language_model.output."),
+];
+
+/// InternLM2's `wqkv`: per key/value head, its query heads, then its key, then its value.
+const INTERNLM2_QKV: &[(&str, Qkv)] =
+    &[(".self_attn.q_proj.", Qkv::Q), (".self_attn.k_proj.", Qkv::K), (".self_attn.v_proj.", Qkv::V)];
+
+/// Candidate sources for a canonical parameter name, most likely first. `text` gives the head
+/// geometry fused tensors are split by.
+pub fn sources(layout: CheckpointLayout, canonical: &str, text: &TextConfig) -> Vec<Source> {
     match layout {
         CheckpointLayout::Transformers => {
             vec![whole(rename(canonical, TRANSFORMERS)), whole(rename(canonical, TRANSFORMERS_IN_MEMORY))]
         }
-        CheckpointLayout::OpenGvLab => {
-            for Fused(part_infix, fused_infix, part, parts) in OPENGVLAB_FUSED {
-                if canonical.contains(part_infix) {
-                    let fused = canonical.replacen(part_infix, fused_infix, 1);
-                    return vec![Source { name: rename(&fused, OPENGVLAB), part: *part, parts: *parts }];
+        CheckpointLayout::OpenGvLab => vec![opengvlab(canonical)],
+        CheckpointLayout::OpenGvLabInternLm2 if canonical.starts_with("language_model.") => {
+            for &(infix, which) in INTERNLM2_QKV {
+                if canonical.contains(infix) {
+                    let fused = canonical.replacen(infix, ".attention.wqkv.", 1);
+                    return vec![Source { name: rename(&fused, INTERNLM2), rows: interleaved_qkv(which, text) }];
                 }
             }
-            vec![whole(rename(canonical, OPENGVLAB))]
+            vec![whole(rename(canonical, INTERNLM2))]
         }
+        CheckpointLayout::OpenGvLabInternLm2 if canonical.starts_with("lm_head.") => {
+            vec![whole(rename(canonical, INTERNLM2))]
+        }
+        CheckpointLayout::OpenGvLabInternLm2 => vec![opengvlab(canonical)],
     }
 }
 
+fn opengvlab(canonical: &str) -> Source {
+    for Fused(part_infix, fused_infix, index, count) in OPENGVLAB_FUSED {
+        if canonical.contains(part_infix) {
+            let fused = canonical.replacen(part_infix, fused_infix, 1);
+            return Source { name: rename(&fused, OPENGVLAB), rows: Rows::Block { index: *index, count: *count } };
+        }
+    }
+    whole(rename(canonical, OPENGVLAB))
+}
+
+/// The rows of InternLM2's `wqkv` that hold q, k or v: each of the `kv_heads` groups has
+/// `heads / kv_heads` query heads, one key head and one value head, `head_dim` rows each.
+fn interleaved_qkv(which: Qkv, text: &TextConfig) -> Rows {
+    let d = text.head_dim;
+    let queries = text.num_attention_heads / text.num_key_value_heads.max(1);
+    let (offset, take) = match which {
+        Qkv::Q => (0, queries * d),
+        Qkv::K => (queries * d, d),
+        Qkv::V => ((queries + 1) * d, d),
+    };
+    Rows::Strided { groups: text.num_key_value_heads, group_rows: (queries + 2) * d, offset, take }
+}
+
 fn whole(name: String) -> Source {
-    Source { name, part: 0, parts: 1 }
+    Source { name, rows: Rows::All }
 }
 
 fn rename(name: &str, rules: &[Rename]) -> String {
@@ -104,13 +208,57 @@ mod tests {
     use super::*;
 
     fn names(layout: CheckpointLayout, canonical: &str) -> Vec<(String, usize)> {
-        sources(layout, canonical).into_iter().map(|s| (s.name, s.part)).collect()
+        let text = TextConfig::tiny();
+        sources(layout, canonical, &text)
+            .into_iter()
+            .map(|s| {
+                let block = match s.rows {
+                    Rows::Block { index, .. } => index,
+                    _ => 0,
+                };
+                (s.name, block)
+            })
+            .collect()
     }
 
     #[test]
     fn opengvlab_fused_qkv_splits_into_row_blocks() {
         let got = names(CheckpointLayout::OpenGvLab, "vision_tower.encoder.layer.3.attention.k_proj.bias");
         assert_eq!(got, vec![("vision_model.encoder.layers.3.attn.qkv.bias".into(), 1)]);
+        assert_eq!(Rows::Block { index: 1, count: 3 }.ranges(4), vec![4..8]);
+    }
+
+    #[test]
+    fn internlm2_decoder_names_and_interleaved_wqkv() {
+        let layout = CheckpointLayout::OpenGvLabInternLm2;
+        let cases = [
+            ("language_model.embed_tokens.weight", "language_model.model.tok_embeddings.weight"),
+            ("language_model.layers.1.self_attn.o_proj.weight", "language_model.model.layers.1.attention.wo.weight"),
+            ("language_model.layers.1.mlp.gate_proj.weight", "language_model.model.layers.1.feed_forward.w1.weight"),
+            ("language_model.layers.1.mlp.up_proj.weight", "language_model.model.layers.1.feed_forward.w3.weight"),
+            ("language_model.layers.1.mlp.down_proj.weight", "language_model.model.layers.1.feed_forward.w2.weight"),
+            ("language_model.layers.0.input_layernorm.weight", "language_model.model.layers.0.attention_norm.weight"),
+            (
+                "language_model.layers.0.post_attention_layernorm.weight",
+                "language_model.model.layers.0.ffn_norm.weight",
+            ),
+            ("language_model.norm.weight", "language_model.model.norm.weight"),
+            ("lm_head.weight", "language_model.output.weight"),
+            ("vision_tower.encoder.layer.0.lambda_1", "vision_model.encoder.layers.0.ls1"),
+            ("multi_modal_projector.linear_1.bias", "mlp1.1.bias"),
+        ];
+        for (canonical, stored) in cases {
+            assert_eq!(names(layout, canonical), vec![(stored.to_string(), 0)], "{canonical}");
+        }
+        // tiny: 4 query heads over 2 key/value heads of 16: per group q0 q1 k v, 64 rows.
+        let text = TextConfig::tiny();
+        let source = |name: &str| sources(layout, &format!("language_model.layers.0.self_attn.{name}.weight"), &text);
+        let wqkv = "language_model.model.layers.0.attention.wqkv.weight".to_string();
+        assert!(source("q_proj").iter().chain(&source("k_proj")).all(|s| s.name == wqkv));
+        assert_eq!(source("q_proj")[0].rows.ranges(64), vec![0..32, 64..96]);
+        assert_eq!(source("k_proj")[0].rows.ranges(32), vec![32..48, 96..112]);
+        assert_eq!(source("v_proj")[0].rows.ranges(32), vec![48..64, 112..128]);
+        assert_eq!(source("v_proj")[0].rows.stored(32), 128);
     }
 
     #[test]

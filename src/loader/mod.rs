@@ -17,6 +17,7 @@ pub use self::safetensors::WeightFiles;
 use crate::config::{CheckpointConfig, CheckpointLayout};
 use crate::error::{Error, Result};
 use crate::models::InternVlModel;
+use crate::text::TextConfig;
 
 /// Loads an InternVL-family model from a local checkpoint directory: `config.json`, the weights
 /// and (for OpenGVLab checkpoints, whose config does not name it) the image-context token id
@@ -25,7 +26,14 @@ pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, I
     let mut config = CheckpointConfig::from_file(&dir.join("config.json"))?;
     if config.model.image_token_id.is_none() {
         let token = config.model.variant.image_context_token();
-        config.model.image_token_id = added_token_id(&dir.join("tokenizer.json"), token)?;
+        config.model.image_token_id = match added_token_id(&dir.join("tokenizer.json"), token)? {
+            Some(id) => Some(id),
+            // SentencePiece checkpoints (InternLM2) list their added tokens only here.
+            None => crate::processing::tokenizer::TokenizerConfig::from_dir(dir)?
+                .added_tokens()?
+                .into_iter()
+                .find_map(|(id, content)| (content == token).then_some(id)),
+        };
     }
     let files = WeightFiles::open(dir)?;
     check_size(&config, &files, &dir.join("config.json"))?;
@@ -70,9 +78,11 @@ pub fn fill(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let tied = model.lm_head.is_none();
+    let text = model.config().text.clone();
     let mut filler = Filler {
         files,
         layout,
+        text: &text,
         device: device.clone(),
         dtype: device.settings().float_dtype,
         path: Vec::new(),
@@ -89,7 +99,7 @@ pub fn fill(
     }
     let mut used = filler.used;
     if tied {
-        for name in ["language_model.lm_head.weight", "lm_head.weight"] {
+        for name in ["language_model.lm_head.weight", "lm_head.weight", "language_model.output.weight"] {
             if files.get(name).is_some() {
                 log::debug!("ignoring {name}: the output projection is tied to the embeddings");
                 used.insert(name.to_string());
@@ -107,6 +117,8 @@ pub fn fill(
 struct Filler<'a> {
     files: &'a WeightFiles,
     layout: CheckpointLayout,
+    /// The decoder's head geometry, which fused q/k/v tensors are split by.
+    text: &'a TextConfig,
     device: Device,
     dtype: FloatDType,
     /// Path segments of the module being visited.
@@ -132,9 +144,8 @@ impl Filler<'_> {
     fn load<const D: usize>(&mut self, expected: [usize; D]) -> Result<Option<Tensor<D>>> {
         let canonical = self.path.join(".");
         let transpose = self.at_linear_weight();
-        let Some(source) =
-            layout::sources(self.layout, &canonical).into_iter().find(|s| self.files.get(&s.name).is_some())
-        else {
+        let sources = layout::sources(self.layout, &canonical, self.text);
+        let Some(source) = sources.into_iter().find(|s| self.files.get(&s.name).is_some()) else {
             self.missing.push(canonical);
             return Ok(None);
         };
@@ -143,18 +154,18 @@ impl Filler<'_> {
         if transpose {
             stored_expected.reverse();
         }
-        stored_expected[0] *= source.parts;
-        if entry.shape != stored_expected {
+        let rows = stored_expected[0];
+        stored_expected[0] = source.rows.stored(rows);
+        let ranges = source.rows.ranges(rows);
+        if entry.shape != stored_expected || ranges.iter().map(|r| r.len()).sum::<usize>() != rows {
             return Err(Error::ShapeMismatch {
                 name: source.name,
                 expected: stored_expected,
                 found: entry.shape.clone(),
             });
         }
-        let data = self.files.read_rows(&source.name, source.part, source.parts, self.dtype, transpose)?;
-        if source.part + 1 == source.parts {
-            self.progress.inc((data.num_elements() * source.parts) as u64 * entry_bytes(entry));
-        }
+        let data = self.files.read_rows(&source.name, &ranges, self.dtype, transpose)?;
+        self.progress.inc(data.num_elements() as u64 * entry_bytes(entry));
         self.used.insert(source.name);
         Ok(Some(Tensor::from_data(data, &self.device)))
     }

@@ -129,32 +129,44 @@ impl WeightFiles {
         self.tensors.values().map(|entry| entry.range.len()).sum()
     }
 
-    /// Decodes rows `[part * n, (part + 1) * n)` of a tensor whose first dimension is split into
-    /// `parts` equal blocks (`part = 0, parts = 1` is the whole tensor), converted to `dtype`. With
-    /// `transpose`, the block (2-D) comes back with its two axes swapped.
+    /// Decodes the given ranges of rows (dim 0) of a tensor, concatenated, converted to `dtype`
+    /// (`[0..rows]` is the whole tensor). With `transpose`, the result (2-D) comes back with its
+    /// two axes swapped.
     pub fn read_rows(
         &self,
         name: &str,
-        part: usize,
-        parts: usize,
+        rows: &[std::ops::Range<usize>],
         dtype: FloatDType,
         transpose: bool,
     ) -> Result<TensorData> {
-        let entry = &self.tensors[name];
+        let entry =
+            self.tensors.get(name).ok_or_else(|| Error::Weights { missing: vec![name.into()], unused: vec![] })?;
         let element = match entry.dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
             other => return Err(Error::UnsupportedDtype { name: name.into(), dtype: format!("{other:?}") }),
         };
         let bytes = &self.maps[entry.file][entry.range.clone()];
-        let block = bytes.len() / parts;
-        let bytes = &bytes[part * block..(part + 1) * block];
-        let mut shape = entry.shape.clone();
-        if let Some(rows) = shape.first_mut() {
-            *rows /= parts;
+        let stored_rows = entry.shape.first().copied().unwrap_or(1);
+        let row_bytes = bytes.len().checked_div(stored_rows).unwrap_or(0);
+        if rows.iter().any(|r| r.start > r.end || r.end > stored_rows) {
+            return Err(Error::Safetensors {
+                path: self.paths[entry.file].clone(),
+                reason: format!("rows {rows:?} of tensor {name}, which has {stored_rows}"),
+            });
         }
-        debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * element);
-        Ok(decode(bytes, entry.dtype, dtype, shape, transpose))
+        let selected: std::borrow::Cow<[u8]> = match rows {
+            [range] => bytes[range.start * row_bytes..range.end * row_bytes].into(),
+            _ => {
+                rows.iter().flat_map(|range| &bytes[range.start * row_bytes..range.end * row_bytes]).copied().collect()
+            }
+        };
+        let mut shape = entry.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = rows.iter().map(|r| r.len()).sum();
+        }
+        debug_assert_eq!(selected.len(), shape.iter().product::<usize>() * element);
+        Ok(decode(&selected, entry.dtype, dtype, shape, transpose))
     }
 }
 

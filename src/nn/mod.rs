@@ -13,4 +13,4 @@ pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearConfig};
 pub use mlp::{Activation, GatedMlp, GatedMlpConfig};
 pub use norm::{LayerNorm, LayerNormConfig, Norm, NormConfig, NormKind, RmsNorm, RmsNormConfig};
-pub use rope::{RopeTables, RotaryEmbedding};
+pub use rope::{RopeScaling, RopeTables, RotaryEmbedding};

@@ -4,34 +4,162 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-/// Rotary embedding for one head size and base frequency (`rope_theta`).
+/// How the rotary frequencies are stretched for contexts longer than the model was trained on
+/// (transformers' `ROPE_INIT_FUNCTIONS` in `modeling_rope_utils.py`). `None` is plain RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RopeScaling {
+    /// Plain RoPE (`rope_type: "default"`).
+    #[default]
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// The stretch factor.
+        factor: f64,
+    },
+    /// Dynamic NTK: once a forward pass reaches past `max_position_embeddings`, the base grows with
+    /// the sequence length (recomputed per forward pass, as transformers does; keys already in the
+    /// cache keep the rotation they were written with).
+    Dynamic {
+        /// The stretch factor.
+        factor: f64,
+    },
+    /// Llama 3.1's band-wise scaling: low frequencies divided by `factor`, high ones kept, a smooth
+    /// blend between.
+    Llama3 {
+        /// The stretch factor.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context the model was pre-trained on.
+        original_max_position_embeddings: f64,
+    },
+    /// YaRN: interpolation ramped in by rotation count, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        /// The stretch factor.
+        factor: f64,
+        /// The context the model was pre-trained on.
+        original_max_position_embeddings: f64,
+        /// Rotations above which frequencies are kept (default 32).
+        beta_fast: f64,
+        /// Rotations below which frequencies are interpolated (default 1).
+        beta_slow: f64,
+        /// Scale of cos and sin (default from the factor, see [`yarn_attention_factor`]).
+        attention_factor: f64,
+        /// Whether the ramp's ends are rounded to whole dimensions (default true).
+        truncate: bool,
+    },
+}
+
+/// YaRN's default attention factor: `0.1 ln(factor) + 1`, or the ratio of two such terms when
+/// the config gives `mscale` and `mscale_all_dim` (DeepSeek's spelling).
+pub fn yarn_attention_factor(factor: f64, mscale: Option<f64>, mscale_all_dim: Option<f64>) -> f64 {
+    let get_mscale = |scale: f64, mscale: f64| if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 };
+    match (mscale, mscale_all_dim) {
+        (Some(m), Some(all)) if m != 0.0 && all != 0.0 => get_mscale(factor, m) / get_mscale(factor, all),
+        _ => get_mscale(factor, 1.0),
+    }
+}
+
+/// Rotary embedding for one head size, base frequency (`rope_theta`) and scaling.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     head_dim: usize,
-    /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`, in f32 as transformers computes it.
+    theta: f64,
+    scaling: RopeScaling,
+    max_position_embeddings: usize,
+    /// The frequencies for sequences within `max_position_embeddings`, in f32 as transformers
+    /// computes them: `1 / theta^(2i / head_dim)` for `i < head_dim / 2`, then scaled.
     inv_freq: Vec<f32>,
+    /// Scale of cos and sin (YaRN's attention factor; 1 otherwise).
+    attention_scaling: f32,
 }
 
 impl RotaryEmbedding {
     /// `head_dim` must be even.
-    pub fn new(head_dim: usize, theta: f64) -> Self {
-        let inv_freq = (0..head_dim / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
-        Self { head_dim, inv_freq }
+    pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling, max_position_embeddings: usize) -> Self {
+        let base = default_inv_freq(head_dim, theta as f32);
+        let (inv_freq, attention_scaling) = match scaling {
+            RopeScaling::None | RopeScaling::Dynamic { .. } => (base, 1.0),
+            RopeScaling::Linear { factor } => (base.iter().map(|f| f / factor as f32).collect(), 1.0),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let original = original_max_position_embeddings as f32;
+                let (low_freq_wavelen, high_freq_wavelen) = (original / low, original / high);
+                let scaled = base.iter().map(|&freq| {
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    let kept = if wavelen > low_freq_wavelen { freq / factor } else { freq };
+                    if wavelen < high_freq_wavelen || wavelen > low_freq_wavelen {
+                        kept
+                    } else {
+                        let smooth = (original / wavelen - low) / (high - low);
+                        (1.0 - smooth) * kept / factor + smooth * kept
+                    }
+                });
+                (scaled.collect(), 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            } => {
+                let dim = head_dim as f64;
+                let correction = |rotations: f64| {
+                    dim * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let (low, span) = (low as f32, (high - low) as f32);
+                let scaled = (0..head_dim / 2).map(|i| {
+                    let position_freq = (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+                    let extrapolation = 1.0 - ((i as f32 - low) / span).clamp(0.0, 1.0);
+                    let interpolated = 1.0 / (factor as f32 * position_freq);
+                    interpolated * (1.0 - extrapolation) + (1.0 / position_freq) * extrapolation
+                });
+                (scaled.collect(), attention_factor as f32)
+            }
+        };
+        Self { head_dim, theta, scaling, max_position_embeddings, inv_freq, attention_scaling }
+    }
+
+    /// The frequencies a forward pass whose largest position is `max_position` uses.
+    pub fn inv_freq(&self, max_position: usize) -> Vec<f32> {
+        let seq_len = max_position + 1;
+        match self.scaling {
+            RopeScaling::Dynamic { factor } if seq_len > self.max_position_embeddings => {
+                let (factor, dim) = (factor as f32, self.head_dim as f32);
+                let growth = factor * seq_len as f32 / self.max_position_embeddings as f32 - (factor - 1.0);
+                default_inv_freq(self.head_dim, self.theta as f32 * growth.powf(dim / (dim - 2.0)))
+            }
+            _ => self.inv_freq.clone(),
+        }
     }
 
     /// Cosine and sine tables for the given positions: `batch` rows of `seq_len` positions each.
     pub fn tables(&self, positions: &[Vec<usize>], device: &Device) -> RopeTables {
         let batch = positions.len();
         let seq_len = positions.first().map_or(0, Vec::len);
+        let inv_freq = self.inv_freq(positions.iter().flatten().copied().max().unwrap_or(0));
         let mut cos = Vec::with_capacity(batch * seq_len * self.head_dim);
         let mut sin = Vec::with_capacity(batch * seq_len * self.head_dim);
         for row in positions {
             for &position in row {
                 for _half in 0..2 {
-                    for &freq in &self.inv_freq {
+                    for &freq in &inv_freq {
                         let angle = position as f32 * freq;
-                        cos.push(angle.cos());
-                        sin.push(angle.sin());
+                        cos.push(angle.cos() * self.attention_scaling);
+                        sin.push(angle.sin() * self.attention_scaling);
                     }
                 }
             }
@@ -43,6 +171,11 @@ impl RotaryEmbedding {
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
+}
+
+/// `1 / base^(2i / head_dim)` for `i < head_dim / 2`, in f32.
+fn default_inv_freq(head_dim: usize, base: f32) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 /// Cosines and sines for the positions of one forward pass, with the half-size frequencies repeated

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod image;
 pub mod message;
 pub mod prompt;
+mod sentencepiece;
 pub mod tiling;
 pub mod tokenizer;
 
@@ -370,7 +371,7 @@ fn processor_config(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Token
             };
             (placeholders, tiling, AlphaMode::CompositeOnWhite)
         }
-        CheckpointLayout::OpenGvLab => {
+        CheckpointLayout::OpenGvLab | CheckpointLayout::OpenGvLabInternLm2 => {
             let defaults = checkpoint.tiling.unwrap_or(crate::config::TilingDefaults {
                 dynamic: true,
                 min_tiles: 1,
@@ -432,7 +433,7 @@ fn processor_config(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Token
         alpha,
         tokens_per_tile: model.tokens_per_tile(),
         image_token_id,
-        max_context: model.text.max_position_embeddings,
+        max_context: model.text.context_length(),
     })
 }
 

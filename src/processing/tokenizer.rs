@@ -1,5 +1,7 @@
-//! The checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` crate, or a byte-level
-//! BPE rebuilt from `vocab.json` + `merges.txt` (Qwen2's pipeline) when that is all a checkpoint ships.
+//! The checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` crate, or rebuilt from
+//! the slow tokenizer's files when that is all a checkpoint ships: a byte-level BPE from
+//! `vocab.json` + `merges.txt` (Qwen2's pipeline), or a SentencePiece BPE from `tokenizer.model`
+//! (InternLM2's).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -53,6 +55,20 @@ pub(crate) struct TokenizerConfig {
 }
 
 impl TokenizerConfig {
+    /// The `added_tokens_decoder` entries as (id, content), by id.
+    pub(crate) fn added_tokens(&self) -> Result<Vec<(u32, String)>> {
+        let mut added = self
+            .added_tokens_decoder
+            .iter()
+            .map(|(id, token)| {
+                let id = id.parse::<u32>().map_err(|e| Error::Tokenizer(format!("added token id {id:?}: {e}")))?;
+                Ok((id, token.content.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        added.sort_by_key(|(id, _)| *id);
+        Ok(added)
+    }
+
     pub(crate) fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer_config.json");
         if !path.exists() {
@@ -81,9 +97,13 @@ impl Tokenizer {
             tokenizers::Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
         } else if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
             byte_level_bpe(dir, &config)?
+        } else if dir.join("tokenizer.model").exists() {
+            let mut tokenizer = super::sentencepiece::from_file(&dir.join("tokenizer.model"), &config.added_tokens()?)?;
+            add_config_tokens(&mut tokenizer, &config, dir)?;
+            tokenizer
         } else {
             return Err(Error::Tokenizer(format!(
-                "{} has neither tokenizer.json nor vocab.json + merges.txt",
+                "{} has none of tokenizer.json, vocab.json + merges.txt, tokenizer.model",
                 dir.display()
             )));
         };
@@ -150,26 +170,26 @@ fn byte_level_bpe(dir: &Path, config: &TokenizerConfig) -> Result<tokenizers::To
         .map_err(|e| fail(&e))?;
     tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()])));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    let mut added: Vec<(u32, &AddedTokenJson)> = config
-        .added_tokens_decoder
-        .iter()
-        .map(|(id, token)| id.parse::<u32>().map(|id| (id, token)).map_err(|e| fail(&e)))
-        .collect::<Result<_>>()?;
-    added.sort_by_key(|(id, _)| *id);
-    for (id, token) in added {
-        let spec = AddedToken::from(token.content.clone(), token.special);
-        if token.special {
+    add_config_tokens(&mut tokenizer, config, dir)?;
+    Ok(tokenizer)
+}
+
+/// Adds the `added_tokens_decoder` of tokenizer_config.json at the ids it gives (special ones
+/// never split and hidden when decoding with `skip_special_tokens`).
+fn add_config_tokens(tokenizer: &mut tokenizers::Tokenizer, config: &TokenizerConfig, dir: &Path) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("{}: {e}", dir.display()));
+    for (id, content) in config.added_tokens()? {
+        let special = config.added_tokens_decoder.get(&id.to_string()).is_some_and(|token| token.special);
+        let spec = AddedToken::from(content.clone(), special);
+        if special {
             tokenizer.add_special_tokens([spec]).map_err(|e| fail(&e))?;
         } else {
             tokenizer.add_tokens([spec]).map_err(|e| fail(&e))?;
         }
-        let got = tokenizer.token_to_id(&token.content);
+        let got = tokenizer.token_to_id(&content);
         if got != Some(id) {
-            return Err(fail(&format!(
-                "added token {:?} got id {got:?}, tokenizer_config.json says {id}",
-                token.content
-            )));
+            return Err(fail(&format!("added token {content:?} got id {got:?}, tokenizer_config.json says {id}")));
         }
     }
-    Ok(tokenizer)
+    Ok(())
 }

@@ -6,7 +6,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::{Error, Result};
-use crate::nn::rope::RopeTables;
+use crate::nn::rope::{RopeScaling, RopeTables};
 use crate::nn::{
     Activation, AttentionMask, GatedMlp, GatedMlpConfig, KvCache, Linear, LinearConfig, RmsNorm, RmsNormConfig,
     RotaryEmbedding, scaled_dot_product_attention,
@@ -33,6 +33,8 @@ pub struct TextConfig {
     pub rms_norm_eps: f64,
     /// Base frequency of the rotary embedding.
     pub rope_theta: f64,
+    /// How the rotary frequencies are scaled for long contexts.
+    pub rope_scaling: RopeScaling,
     /// Longest sequence the model was trained for.
     pub max_position_embeddings: usize,
     /// Biases on the q, k and v projections (Qwen2: yes; Llama: `attention_bias`).
@@ -60,6 +62,7 @@ impl TextConfig {
             head_dim: 16,
             rms_norm_eps: 1e-6,
             rope_theta: 1_000_000.0,
+            rope_scaling: RopeScaling::None,
             max_position_embeddings: 512,
             qkv_bias: true,
             o_bias: false,
@@ -67,6 +70,23 @@ impl TextConfig {
             hidden_act: Activation::Silu,
             tie_word_embeddings: true,
         }
+    }
+
+    /// The longest sequence (prompt and generated tokens) the model is meant for: the trained
+    /// context, stretched by RoPE scaling where the scaling says by how much (linear and dynamic
+    /// scale `max_position_embeddings`, YaRN its original context; Llama 3's configs already give
+    /// the stretched length).
+    pub fn context_length(&self) -> usize {
+        let stretched = match self.rope_scaling {
+            RopeScaling::None | RopeScaling::Llama3 { .. } => 0.0,
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => {
+                self.max_position_embeddings as f64 * factor
+            }
+            RopeScaling::Yarn { factor, original_max_position_embeddings, .. } => {
+                original_max_position_embeddings * factor
+            }
+        };
+        self.max_position_embeddings.max(stretched.min(crate::config::MAX_CONTEXT as f64) as usize)
     }
 
     /// A lower bound of the parameter count (embeddings and the matrices of every layer, in
@@ -89,7 +109,7 @@ impl TextConfig {
             embed_tokens: Embedding { weight: Initializer::Zeros.init([self.vocab_size, self.hidden_size], device) },
             layers: (0..self.num_hidden_layers).map(|_| self.init_layer(device)).collect(),
             norm: RmsNormConfig { d_model: self.hidden_size, eps: self.rms_norm_eps }.init(device),
-            rope: RotaryEmbedding::new(self.head_dim, self.rope_theta),
+            rope: RotaryEmbedding::new(self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings),
             config: self.clone(),
         }
     }
@@ -290,5 +310,36 @@ impl SelfAttention {
         // [batch, heads, seq_len, head_dim] -> [batch, seq_len, heads * head_dim]
         let out = out.swap_dims(1, 2).reshape([batch, seq_len, self.num_heads * head_dim]);
         Ok(self.o_proj.forward(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_scaling_stretches_the_context() {
+        let mut config = TextConfig { max_position_embeddings: 1000, ..TextConfig::tiny() };
+        assert_eq!(config.context_length(), 1000);
+        config.rope_scaling = RopeScaling::Dynamic { factor: 2.0 };
+        assert_eq!(config.context_length(), 2000);
+        config.rope_scaling = RopeScaling::Linear { factor: 4.0 };
+        assert_eq!(config.context_length(), 4000);
+        config.rope_scaling = RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 500.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: 1.0,
+            truncate: true,
+        };
+        assert_eq!(config.context_length(), 2000);
+        config.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 100.0,
+        };
+        assert_eq!(config.context_length(), 1000);
     }
 }
