@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use criterion::{Criterion, criterion_group, criterion_main};
 use vlm::eval::metrics::{anls, vqa_accuracy};
 use vlm::eval::normalize_vqa_answer;
-use vlm::models::ModelInputs;
+use vlm::models::{ModelInputs, Pixels};
 use vlm::{GenerationConfig, Image, Message, Vlm};
 
 fn fixture(path: &str) -> PathBuf {
@@ -38,19 +38,20 @@ fn model_steps(c: &mut Criterion) {
     let messages = [Message::user().image(Image::open(fixture("images/square.png")).unwrap()).text("What is it?")];
     let encoding = vlm.encode(&messages, &GenerationConfig::default()).unwrap();
     let model = vlm.model();
-    let pixel_values = encoding.pixel_values(&vlm::device::cpu()).expect("one image");
+    let Some(Pixels::Tiles(pixel_values)) = encoding.pixels(&vlm::device::cpu()) else { panic!("one image") };
     c.bench_function("vision tower + projector, 1 tile", |b| {
-        b.iter(|| black_box(model.image_features(pixel_values.clone()).unwrap().into_data()))
+        let internvl = model.as_internvl().expect("an InternVL fixture");
+        b.iter(|| black_box(internvl.image_features(pixel_values.clone()).unwrap().into_data()))
     });
 
-    let prompt = ModelInputs { input_ids: vec![encoding.input_ids.clone()], pixel_values: Some(pixel_values) };
+    let prompt = ModelInputs { input_ids: vec![encoding.input_ids.clone()], pixels: Some(Pixels::Tiles(pixel_values)) };
     let mut cache = model.new_cache(1, encoding.input_ids.len() + 2);
     model.forward(&prompt, &mut cache).unwrap();
     let filled = cache.len();
     c.bench_function("one decode step (batch 1)", |b| {
         b.iter(|| {
             cache.truncate(filled);
-            let step = ModelInputs { input_ids: vec![vec![42]], pixel_values: None };
+            let step = ModelInputs { input_ids: vec![vec![42]], pixels: None };
             black_box(model.forward(&step, &mut cache).unwrap().into_data())
         })
     });

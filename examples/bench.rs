@@ -16,7 +16,7 @@ use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 use clap::Parser;
 use serde_json::{Value, json};
 use vlm::Device;
-use vlm::models::{InternVlConfig, InternVlModel, ModelInputs};
+use vlm::models::{InternVlConfig, InternVlModel, ModelInputs, Pixels};
 use vlm::nn::{Activation, NormKind};
 use vlm::projector::ProjectorConfig;
 use vlm::text::TextConfig;
@@ -144,7 +144,7 @@ fn prompt(model: &InternVlModel, tiles: usize, batch: usize, device: &Device) ->
     let row: Vec<u32> = std::iter::repeat_n(image_token, tiles * config.tokens_per_tile())
         .chain((0..32u32).map(|i| (i * 7919 + 13) % text_vocab))
         .collect();
-    ModelInputs { input_ids: vec![row; batch], pixel_values: Some(pixels(tiles * batch, config, device)) }
+    ModelInputs { input_ids: vec![row; batch], pixels: Some(Pixels::Tiles(pixels(tiles * batch, config, device))) }
 }
 
 /// Greedy next tokens from the last position's logits (reads them back: a device sync).
@@ -165,7 +165,7 @@ fn generate(model: &InternVlModel, inputs: &ModelInputs, steps: usize) -> anyhow
     let ttft = start.elapsed();
     let decode_start = Instant::now();
     for _ in 0..steps {
-        let step = ModelInputs { input_ids: tokens.iter().map(|&t| vec![t]).collect(), pixel_values: None };
+        let step = ModelInputs { input_ids: tokens.iter().map(|&t| vec![t]).collect(), pixels: None };
         tokens = next_tokens(model.forward(&step, &mut cache)?);
     }
     Ok((ttft, decode_start.elapsed()))

@@ -9,9 +9,9 @@
 //!
 //! The crate has three layers, each usable alone:
 //! - [`Vlm`]: `from_pretrained`, then `generate`, `stream` or `generate_batch`;
-//! - [`Processor`] turns [`Message`]s into token ids and pixel values, and
-//!   [`loader::load_internvl`] builds a model from a checkpoint directory;
-//! - [`models::InternVlModel::forward`] takes token ids and pixel values with a [`nn::KvCache`];
+//! - [`Processor`] turns [`Message`]s into token ids and pixel values, and [`loader::load`] builds
+//!   a [`models::Model`] (the enum of families) from a checkpoint directory;
+//! - [`models::Model::forward`] takes token ids and pixels with a [`nn::KvCache`];
 //! - the blocks ([`vision::InternVit`], [`projector::MultiModalProjector`], [`text::TextModel`])
 //!   each follow `Config -> init -> forward`.
 //!

@@ -24,15 +24,15 @@ use burn::tensor::Device;
 use crate::config::CheckpointConfig;
 use crate::error::Result;
 use crate::generation::{Generation, GenerationConfig, GenerationDefaults, Generator};
-use crate::loader::{load_internvl, resolve};
-use crate::models::InternVlModel;
+use crate::loader::{load, resolve};
+use crate::models::Model;
 use crate::processing::{Encoding, Message, ProcessOptions, Processor};
 
 /// A loaded vision-language model, ready to answer.
 pub struct Vlm {
     dir: PathBuf,
     checkpoint: CheckpointConfig,
-    model: InternVlModel,
+    model: Model,
     processor: Processor,
     defaults: GenerationDefaults,
 }
@@ -46,7 +46,7 @@ impl Vlm {
 
     /// Loads a checkpoint directory without touching the network.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
-        let (checkpoint, model) = load_internvl(dir, device)?;
+        let (checkpoint, model) = load(dir, device)?;
         let processor = Processor::from_dir(dir, &checkpoint)?;
         let mut defaults = GenerationDefaults::from_dir(dir)?;
         if defaults.eos_token_id.is_empty() {
@@ -67,7 +67,7 @@ impl Vlm {
     }
 
     /// The model, for callers with their own loop.
-    pub fn model(&self) -> &InternVlModel {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 

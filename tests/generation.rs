@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::{Reference, Scratch, model_dir};
 use vlm::generation::{GenerationDefaults, Generator};
-use vlm::processing::{Encoding, ImageTiles};
+use vlm::processing::{Encoding, Visual};
 use vlm::{GenerationConfig, Image, Message, StopReason, Vlm};
 
 fn vlm(checkpoint: &str) -> Vlm {
@@ -24,13 +24,16 @@ fn greedy(tokens: usize) -> GenerationConfig {
 }
 
 /// The parity prompt of a reference as an Encoding (token ids and pixel values as transformers had them).
-fn reference_encoding(reference: &Reference, tile_size: usize) -> Encoding {
+fn reference_encoding(reference: &Reference) -> Encoding {
     let (shape, pixel_values) = reference.floats("pixel_values");
+    let ids = reference.ids("input_ids").concat();
+    let (tiles, size) = (shape[0], shape[2]);
+    let grid = vlm::processing::Grid { cols: 1, rows: 1 };
+    let tokens = ids.len(); // not used by generation
     Encoding {
-        input_ids: reference.ids("input_ids").concat(),
+        input_ids: ids,
         pixel_values,
-        tile_size,
-        images: vec![ImageTiles { grid: vlm::processing::Grid { cols: 1, rows: 1 }, tiles: shape[0] }],
+        visuals: vec![Visual::Tiles { grid, tiles, size, tokens }],
         prompt: String::new(),
     }
 }
@@ -51,7 +54,7 @@ fn greedy_tokens_equal_transformers_generate_for_every_fixture() {
         let vlm = vlm(checkpoint);
         let reference = Reference::load(weights);
         let expected = reference.ids("greedy_tokens").concat();
-        let prompt = reference_encoding(&reference, vlm.model().config().vision.image_size);
+        let prompt = reference_encoding(&reference);
         // transformers generated without stopping at eos; so do we.
         let config = greedy(expected.len()).eos_token_ids(vec![]);
         let defaults = GenerationDefaults::default();
@@ -80,12 +83,11 @@ fn greedy_with_cache_equals_greedy_without_cache() {
 
 /// Greedy tokens without reuse: every token from a full forward pass over the whole sequence.
 fn greedy_without_cache(vlm: &Vlm, encoding: &Encoding, steps: usize) -> Vec<u32> {
-    let device = vlm.model().language_model.device();
+    let device = vlm.model().device();
     let mut ids = encoding.input_ids.clone();
     let mut recomputed = Vec::new();
     for _ in 0..steps {
-        let inputs =
-            vlm::models::ModelInputs { input_ids: vec![ids.clone()], pixel_values: encoding.pixel_values(&device) };
+        let inputs = vlm::models::ModelInputs { input_ids: vec![ids.clone()], pixels: encoding.pixels(&device) };
         let mut cache = vlm.model().new_cache(1, ids.len());
         let logits = vlm.model().forward(&inputs, &mut cache).unwrap();
         let [_, len, vocab] = logits.dims();
@@ -259,17 +261,15 @@ fn a_stop_string_that_is_a_special_token_stops_generation() {
 fn truncated_cache_recomputes_the_same_step() {
     let vlm = vlm("internvl3-hf");
     let encoding = vlm.encode(&conversation(), &greedy(1)).unwrap();
-    let device = vlm.model().language_model.device();
+    let device = vlm.model().device();
     let model = vlm.model();
-    let prompt = vlm::models::ModelInputs {
-        input_ids: vec![encoding.input_ids.clone()],
-        pixel_values: encoding.pixel_values(&device),
-    };
+    let prompt =
+        vlm::models::ModelInputs { input_ids: vec![encoding.input_ids.clone()], pixels: encoding.pixels(&device) };
     let mut cache = model.new_cache(1, encoding.input_ids.len() + 2);
     model.forward(&prompt, &mut cache).unwrap();
     let filled = cache.len();
     let step = |token: u32, cache: &mut vlm::nn::KvCache| {
-        let inputs = vlm::models::ModelInputs { input_ids: vec![vec![token]], pixel_values: None };
+        let inputs = vlm::models::ModelInputs { input_ids: vec![vec![token]], pixels: None };
         model.forward(&inputs, cache).unwrap().into_data().try_to_vec::<f32>().unwrap()
     };
     let first = step(7, &mut cache);

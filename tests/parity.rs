@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::Tensor;
 use common::{Reference, argmax_rows, model_dir, relative_error};
 use vlm::loader::load_internvl;
-use vlm::models::{InternVlModel, ModelInputs};
+use vlm::models::{InternVlModel, ModelInputs, Pixels};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -33,7 +33,7 @@ fn load(checkpoint: &str) -> InternVlModel {
 fn inputs(reference: &Reference, model: &InternVlModel) -> ModelInputs {
     ModelInputs {
         input_ids: reference.ids("input_ids"),
-        pixel_values: Some(reference.tensor("pixel_values", &model.language_model.device())),
+        pixels: Some(Pixels::Tiles(reference.tensor("pixel_values", &model.language_model.device()))),
     }
 }
 
@@ -48,7 +48,7 @@ fn greedy(model: &InternVlModel, inputs: &ModelInputs, steps: usize) -> Vec<u32>
         let last: Tensor<2> = logits.narrow(1, len - 1, 1).reshape([1, vocab]);
         let next = argmax_rows(last)[0];
         tokens.push(next);
-        let step = ModelInputs { input_ids: vec![vec![next]], pixel_values: None };
+        let step = ModelInputs { input_ids: vec![vec![next]], pixels: None };
         logits = model.forward(&step, &mut cache).unwrap();
     }
     tokens
@@ -127,7 +127,7 @@ fn every_cached_decode_step_matches_transformers() {
             let error = common::relative_error_of(&last, &steps[step * vocab..(step + 1) * vocab]);
             worst = worst.max(error);
             assert!(error <= TOLERANCE, "{checkpoint}: step {step} logits relative error {error:e}");
-            let next = ModelInputs { input_ids: vec![vec![token]], pixel_values: None };
+            let next = ModelInputs { input_ids: vec![vec![token]], pixels: None };
             logits = model.forward(&next, &mut cache).unwrap();
         }
         eprintln!("{checkpoint}: {count} cached decode steps, worst logits relative error {worst:e}");
@@ -160,7 +160,7 @@ fn greedy_with_cache_matches_full_recompute() {
     let mut ids = inputs.input_ids[0].clone();
     let mut recomputed = Vec::new();
     for _ in 0..8 {
-        let step = ModelInputs { input_ids: vec![ids.clone()], pixel_values: inputs.pixel_values.clone() };
+        let step = ModelInputs { input_ids: vec![ids.clone()], pixels: inputs.pixels.clone() };
         let mut cache = model.new_cache(1, ids.len());
         let logits = model.forward(&step, &mut cache).unwrap();
         let [_, len, vocab] = logits.dims();
@@ -187,7 +187,7 @@ fn image_token_count_mismatch_is_a_typed_error() {
         other => panic!("expected InputMismatch, got {:?}", other.map(|t| t.dims())),
     }
     // Image tokens without pixel values are the same error.
-    inputs.pixel_values = None;
+    inputs.pixels = None;
     let mut cache = model.new_cache(1, inputs.input_ids[0].len());
     assert!(matches!(model.forward(&inputs, &mut cache), Err(vlm::Error::InputMismatch { image_features: 0, .. })));
 }
@@ -195,7 +195,7 @@ fn image_token_count_mismatch_is_a_typed_error() {
 #[test]
 fn text_only_prompt_runs_without_images() {
     let model = load("internvl3-hf");
-    let inputs = ModelInputs { input_ids: vec![vec![1, 2, 3, 4]], pixel_values: None };
+    let inputs = ModelInputs { input_ids: vec![vec![1, 2, 3, 4]], pixels: None };
     let mut cache = model.new_cache(1, 4);
     let vocab = model.config().text.vocab_size;
     assert_eq!(model.forward(&inputs, &mut cache).unwrap().dims(), [1, 4, vocab]);
@@ -204,7 +204,7 @@ fn text_only_prompt_runs_without_images() {
 #[test]
 fn prompt_beyond_the_cache_is_a_context_error() {
     let model = load("internvl3-hf");
-    let inputs = ModelInputs { input_ids: vec![vec![1, 2, 3, 4]], pixel_values: None };
+    let inputs = ModelInputs { input_ids: vec![vec![1, 2, 3, 4]], pixels: None };
     let mut cache = model.new_cache(1, 3);
     assert!(matches!(model.forward(&inputs, &mut cache), Err(vlm::Error::ContextOverflow { requested: 4, limit: 3 })));
 }

@@ -10,7 +10,7 @@ use common::model_dir;
 use safetensors::{Dtype, SafeTensors};
 use vlm::config::CheckpointConfig;
 use vlm::processing::tiling::{best_grid, split_into_tiles};
-use vlm::processing::{AlphaMode, Grid, ProcessOptions, TilingConfig};
+use vlm::processing::{AlphaMode, Encoding, Grid, ImageProcessor, ProcessOptions, TilingConfig, Visual};
 use vlm::{Error, Image, Message, Processor};
 
 fn fixtures() -> PathBuf {
@@ -21,6 +21,23 @@ fn processor(checkpoint: &str) -> Processor {
     let dir = model_dir(checkpoint);
     let config = CheckpointConfig::from_file(&dir.join("config.json")).unwrap();
     Processor::from_dir(&dir, &config).unwrap_or_else(|e| panic!("{checkpoint}: {e}"))
+}
+
+/// (grid, tiles, tile size) of each image of an InternVL encoding.
+fn tiles(encoding: &Encoding) -> Vec<(Grid, usize, usize)> {
+    encoding
+        .visuals
+        .iter()
+        .map(|visual| match *visual {
+            Visual::Tiles { grid, tiles, size, .. } => (grid, tiles, size),
+        })
+        .collect()
+}
+
+fn normalization(processor: &Processor) -> vlm::processing::Normalization {
+    match processor.images() {
+        ImageProcessor::InternVl(images) => images.normalization,
+    }
 }
 
 fn image(name: &str) -> Image {
@@ -124,18 +141,19 @@ fn processor_matches_the_reference_for_every_case() {
         let encoding = processor.encode(&messages(case), &ProcessOptions::default()).unwrap();
         let reference = Reference::load(fixtures().join(format!("processor/{}.safetensors", case.name)));
 
-        let grids: Vec<i64> = encoding.images.iter().flat_map(|i| [i.grid.cols as i64, i.grid.rows as i64]).collect();
+        let layout = tiles(&encoding);
+        let grids: Vec<i64> = layout.iter().flat_map(|(grid, ..)| [grid.cols as i64, grid.rows as i64]).collect();
         assert_eq!(grids, reference.ints("grids"), "{}: tile grids", case.name);
-        let tiles: Vec<i64> = encoding.images.iter().map(|i| i.tiles as i64).collect();
-        assert_eq!(tiles, reference.ints("tiles_per_image"), "{}: tiles per image", case.name);
+        let per_image: Vec<i64> = layout.iter().map(|&(_, tiles, _)| tiles as i64).collect();
+        assert_eq!(per_image, reference.ints("tiles_per_image"), "{}: tiles per image", case.name);
+        let (count, size) = (layout.iter().map(|t| t.1).sum::<usize>(), layout[0].2);
 
         let ids: Vec<i64> = encoding.input_ids.iter().map(|&id| i64::from(id)).collect();
         assert_eq!(ids, reference.ints("input_ids"), "{}: input ids\nprompt: {:?}", case.name, encoding.prompt);
 
         let (shape, levels) = reference.bytes("pixels_u8");
-        assert_eq!(shape, vec![encoding.num_tiles(), 3, encoding.tile_size, encoding.tile_size], "{}", case.name);
-        let normalization = processor.config().normalization;
-        let diff = max_level_difference(&encoding.pixel_values, encoding.tile_size, &normalization, &levels);
+        assert_eq!(shape, vec![count, 3, size, size], "{}", case.name);
+        let diff = max_level_difference(&encoding.pixel_values, size, &normalization(&processor), &levels);
         assert!(diff <= 1.0 + 1e-3, "{}: pixel values differ by {diff} levels", case.name);
     }
 }
@@ -206,11 +224,11 @@ fn tile_limits_can_be_overridden_per_call() {
     let processor = processor("internvl3-hf");
     let messages = [Message::user().image(image("wide.png")).text("Describe.")];
     let full = processor.encode(&messages, &ProcessOptions::default()).unwrap();
-    assert_eq!(full.images[0].grid, Grid { cols: 3, rows: 1 });
-    assert_eq!(full.num_tiles(), 4);
+    assert_eq!(tiles(&full)[0].0, Grid { cols: 3, rows: 1 });
+    assert_eq!(tiles(&full)[0].1, 4);
     let bounded = processor.encode(&messages, &ProcessOptions { max_tiles: Some(2), ..Default::default() }).unwrap();
-    assert_eq!(bounded.images[0].grid, Grid { cols: 2, rows: 1 });
-    assert_eq!(bounded.num_tiles(), 3);
+    assert_eq!(tiles(&bounded)[0].0, Grid { cols: 2, rows: 1 });
+    assert_eq!(tiles(&bounded)[0].1, 3);
     let invalid = ProcessOptions { max_tiles: Some(0), ..Default::default() };
     assert!(matches!(processor.encode(&messages, &invalid), Err(Error::Input(_))));
 }
@@ -317,7 +335,7 @@ fn more_images_than_placeholders_is_an_image_count_error() {
     )
     .unwrap();
     let text_only =
-        Processor::new(reference.config().clone(), vlm::processing::Tokenizer::from_dir(&dir).unwrap(), template);
+        Processor::new(reference.images().clone(), vlm::processing::Tokenizer::from_dir(&dir).unwrap(), template, 512);
     let _ = config;
     let messages = [Message::user().image(image("square.png")).image(image("tiny.png")).text("Compare.")];
     let error = text_only.encode(&messages, &ProcessOptions::default()).unwrap_err();

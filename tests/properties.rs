@@ -213,7 +213,7 @@ proptest! {
             .collect();
         let options = ProcessOptions { max_tiles: Some(max_tiles), ..ProcessOptions::default() };
         if let Ok(encoding) = vlm.processor().encode(&messages, &options) {
-            prop_assert_eq!(encoding.pixel_values.len(), encoding.num_tiles() * 3 * encoding.tile_size.pow(2));
+            prop_assert_eq!(encoding.pixel_values.len(), encoding.visuals.iter().map(vlm::processing::Visual::values).sum::<usize>());
         }
     }
 }

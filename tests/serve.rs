@@ -382,7 +382,7 @@ fn http_image_urls_are_fetched_within_limits() {
 #[test]
 fn decoded_pixels_and_tiles_are_bounded_with_413s_naming_the_limit() {
     // large.png is a 19 KB file of 500 x 375 = 187,500 pixels; a small file can hold a huge image.
-    let server = start(&["--max-image-pixels", "100000", "--max-request-pixels", "30000", "--max-batch-tiles", "5"]);
+    let server = start(&["--max-image-pixels", "100000", "--max-request-pixels", "30000"]);
     let (status, body, _) = post(&server, &request("What?", &["large.png"]));
     assert_eq!((status, error_code(&body)), (413, "image_too_large"), "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("--max-image-pixels"), "{body}");
@@ -392,11 +392,11 @@ fn decoded_pixels_and_tiles_are_bounded_with_413s_naming_the_limit() {
     let (status, body, _) = post(&server, &request("What?", &["wide.png", "wide.png"]));
     assert_eq!((status, error_code(&body)), (413, "images_too_large"), "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("--max-request-pixels"), "{body}");
-    // 4 tiles each (3 + thumbnail): two images are over a batch of 5 tiles.
-    let server = start(&["--max-batch-tiles", "5"]);
+    // 4 tiles of 16 tokens each (3 + thumbnail): two images are over a batch of 80 image tokens.
+    let server = start(&["--max-batch-image-tokens", "80"]);
     let (status, body, _) = post(&server, &request("What?", &["wide.png", "wide.png"]));
     assert_eq!((status, error_code(&body)), (413, "images_too_large"), "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("--max-batch-tiles"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-batch-image-tokens"), "{body}");
     let (status, body, _) = post(&server, &request("What?", &["wide.png"]));
     assert_eq!(status, 200, "{body}");
 }

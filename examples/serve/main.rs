@@ -71,14 +71,14 @@ struct Args {
     /// Most pixels of all images of one request together, once decoded (413 beyond).
     #[arg(long, default_value_t = 67_108_864)]
     max_request_pixels: u64,
-    /// Most image tiles the model runs in one batch; requests wait for the next batch beyond it
-    /// (bounds the vision tower's memory per batch).
-    #[arg(long, default_value_t = 128)]
-    max_batch_tiles: usize,
-    /// Most image tiles all queued and running requests hold together (503 with Retry-After
-    /// beyond; 512 tiles of 448 pixels are 1.2 GB of f32 pixel values).
-    #[arg(long, default_value_t = 512)]
-    max_queued_tiles: usize,
+    /// Most image tokens the model runs in one batch; requests wait for the next batch beyond it
+    /// (bounds the vision tower's work and memory per batch; an InternVL tile is 256 tokens).
+    #[arg(long, default_value_t = 32_768)]
+    max_batch_image_tokens: usize,
+    /// Most image tokens all queued and running requests hold pixels for (503 with Retry-After
+    /// beyond; 131072 InternVL tokens are 512 tiles, 1.2 GB of f32 pixel values).
+    #[arg(long, default_value_t = 131_072)]
+    max_queued_image_tokens: usize,
     /// Time limit for fetching an http(s) image, in seconds.
     #[arg(long, default_value_t = 10)]
     image_timeout_s: u64,
@@ -97,14 +97,14 @@ struct AppState {
     jobs: SyncSender<Job>,
     inflight: Arc<AtomicUsize>,
     max_queue: usize,
-    queued_tiles: Arc<AtomicUsize>,
-    max_queued_tiles: usize,
+    queued_image_tokens: Arc<AtomicUsize>,
+    max_queued_image_tokens: usize,
     /// Requests whose images are being decoded and tiled at once (each holds up to
     /// --max-request-pixels of decoded images).
     preparing: Arc<tokio::sync::Semaphore>,
     images: ImageFetch,
     max_tiles: Option<usize>,
-    max_batch_tiles: usize,
+    max_batch_image_tokens: usize,
     default_max_tokens: usize,
     max_body_bytes: usize,
     next_id: AtomicU64,
@@ -117,7 +117,8 @@ async fn main() -> anyhow::Result<()> {
     let device = vlm::device::from_name(&args.device)?;
     let vlm = Arc::new(Vlm::from_pretrained(&args.model, &device)?);
     let stats = Arc::new(Stats::default());
-    let limits = worker::BatchLimits { max_rows: args.max_batch.max(1), max_tiles: args.max_batch_tiles.max(1) };
+    let limits =
+        worker::BatchLimits { max_rows: args.max_batch.max(1), max_image_tokens: args.max_batch_image_tokens.max(1) };
     let jobs = worker::spawn(vlm.clone(), limits, args.max_queue.max(1), stats.clone());
     let state = Arc::new(AppState {
         vlm,
@@ -126,8 +127,8 @@ async fn main() -> anyhow::Result<()> {
         jobs,
         inflight: Arc::new(AtomicUsize::new(0)),
         max_queue: args.max_queue.max(1),
-        queued_tiles: Arc::new(AtomicUsize::new(0)),
-        max_queued_tiles: args.max_queued_tiles.max(limits.max_tiles),
+        queued_image_tokens: Arc::new(AtomicUsize::new(0)),
+        max_queued_image_tokens: args.max_queued_image_tokens.max(limits.max_image_tokens),
         preparing: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
         )),
@@ -138,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
             max_request_pixels: args.max_request_pixels,
         },
         max_tiles: args.max_tiles,
-        max_batch_tiles: limits.max_tiles,
+        max_batch_image_tokens: limits.max_image_tokens,
         default_max_tokens: args.default_max_tokens,
         max_body_bytes: args.max_body_mib << 20,
         next_id: AtomicU64::new(0),
@@ -307,24 +308,24 @@ async fn chat_completions(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", e.to_string()))??;
-    if encoding.num_tiles() > state.max_batch_tiles {
+    if encoding.image_tokens() > state.max_batch_image_tokens {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "images_too_large",
             format!(
-                "the request's images make {} tiles, over the {} tiles of one batch (--max-batch-tiles; --max-tiles lowers tiles per image)",
-                encoding.num_tiles(),
-                state.max_batch_tiles
+                "the request's images make {} image tokens, over the {} of one batch (--max-batch-image-tokens; --max-tiles lowers tiles per image)",
+                encoding.image_tokens(),
+                state.max_batch_image_tokens
             ),
         ));
     }
-    if !slot.hold_tiles(&state.queued_tiles, encoding.num_tiles(), state.max_queued_tiles) {
+    if !slot.hold_image_tokens(&state.queued_image_tokens, encoding.image_tokens(), state.max_queued_image_tokens) {
         let mut error = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "overloaded",
-            "too many image tiles queued (--max-queued-tiles); retry shortly",
+            "too many image tokens queued (--max-queued-image-tokens); retry shortly",
         );
         error.retry_after = Some(1);
         return Err(error);

@@ -18,26 +18,26 @@ pub enum Event {
     Failed(vlm::Error),
 }
 
-/// Holds one place in the queue, and the image tiles its request holds in memory, until dropped
-/// (the request finished or its client left).
+/// Holds one place in the queue, and the image tokens its request holds pixels for, until
+/// dropped (the request finished or its client left).
 pub struct Slot {
     inflight: Arc<AtomicUsize>,
-    tiles: Option<(Arc<AtomicUsize>, usize)>,
+    image_tokens: Option<(Arc<AtomicUsize>, usize)>,
 }
 
 impl Slot {
     /// Takes a place if fewer than `limit` requests are queued or running.
     pub fn acquire(inflight: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
-        take(inflight, 1, limit).then(|| Self { inflight: inflight.clone(), tiles: None })
+        take(inflight, 1, limit).then(|| Self { inflight: inflight.clone(), image_tokens: None })
     }
 
-    /// Counts the request's `tiles` against what all queued and running requests may hold
-    /// together (`limit`); false, counting nothing, when they do not fit.
-    pub fn hold_tiles(&mut self, queued_tiles: &Arc<AtomicUsize>, tiles: usize, limit: usize) -> bool {
-        if !take(queued_tiles, tiles, limit) {
+    /// Counts the request's `tokens` (image tokens) against what all queued and running requests
+    /// may hold together (`limit`); false, counting nothing, when they do not fit.
+    pub fn hold_image_tokens(&mut self, queued: &Arc<AtomicUsize>, tokens: usize, limit: usize) -> bool {
+        if !take(queued, tokens, limit) {
             return false;
         }
-        self.tiles = Some((queued_tiles.clone(), tiles));
+        self.image_tokens = Some((queued.clone(), tokens));
         true
     }
 }
@@ -55,8 +55,8 @@ fn take(counter: &AtomicUsize, amount: usize, limit: usize) -> bool {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.inflight.fetch_sub(1, Ordering::SeqCst);
-        if let Some((queued_tiles, tiles)) = &self.tiles {
-            queued_tiles.fetch_sub(*tiles, Ordering::SeqCst);
+        if let Some((queued, tokens)) = &self.image_tokens {
+            queued.fetch_sub(*tokens, Ordering::SeqCst);
         }
     }
 }
@@ -84,8 +84,9 @@ pub struct Stats {
 pub struct BatchLimits {
     /// Requests.
     pub max_rows: usize,
-    /// Image tiles of all its requests together (a request with more is refused before it queues).
-    pub max_tiles: usize,
+    /// Image tokens of all its requests together (a request with more is refused before it
+    /// queues): bounds the vision tower's work and memory per batch.
+    pub max_image_tokens: usize,
 }
 
 /// Runs the model loop on its own thread.
@@ -102,18 +103,18 @@ fn run(vlm: &Vlm, receiver: &Receiver<Job>, limits: BatchLimits, stats: &Stats) 
     // A job that did not fit the last batch starts the next one.
     let mut held: Option<Job> = None;
     while let Some(first) = held.take().or_else(|| receiver.recv().ok()) {
-        let mut tiles = first.encoding.num_tiles();
+        let mut image_tokens = first.encoding.image_tokens();
         let mut jobs = vec![first];
         // Requests of a burst arrive within a moment of each other: let them join this batch.
         let window = Instant::now() + Duration::from_millis(5);
         while jobs.len() < limits.max_rows {
             match receiver.recv_timeout(window.saturating_duration_since(Instant::now())) {
-                Ok(job) if tiles + job.encoding.num_tiles() > limits.max_tiles => {
+                Ok(job) if image_tokens + job.encoding.image_tokens() > limits.max_image_tokens => {
                     held = Some(job);
                     break;
                 }
                 Ok(job) => {
-                    tiles += job.encoding.num_tiles();
+                    image_tokens += job.encoding.image_tokens();
                     jobs.push(job);
                 }
                 Err(RecvTimeoutError::Timeout) => break,

@@ -9,7 +9,7 @@ use super::config::{DEFAULT_MAX_NEW_TOKENS, GenerationConfig, GenerationDefaults
 use super::detokenizer::{IncrementalDecoder, StopCheck, StopStrings};
 use super::sampler::Sampler;
 use crate::error::{Error, Result};
-use crate::models::{InternVlModel, ModelInputs};
+use crate::models::{Model, ModelInputs, Pixels};
 use crate::nn::KvCache;
 use crate::processing::{Encoding, Tokenizer};
 
@@ -114,7 +114,7 @@ struct Row {
 
 /// Generates for a batch of processed prompts, one step at a time.
 pub struct Generator<'a> {
-    model: &'a InternVlModel,
+    model: &'a Model,
     tokenizer: &'a Tokenizer,
     cache: KvCache,
     rows: Vec<Row>,
@@ -135,7 +135,7 @@ impl<'a> Generator<'a> {
     /// prompt with its own settings (`configs[i]` for `prompts[i]`). `started` is when the caller's
     /// request began (for time to first token).
     pub fn new(
-        model: &'a InternVlModel,
+        model: &'a Model,
         tokenizer: &'a Tokenizer,
         prompts: &[Encoding],
         configs: &[GenerationConfig],
@@ -151,20 +151,20 @@ impl<'a> Generator<'a> {
         for config in configs {
             config.validate()?;
         }
-        let image_token = model.config().image_token_id;
+        let image_tokens = model.image_token_ids();
         let pad = defaults
             .pad_token_id
             .into_iter()
             .chain(defaults.eos_token_id.iter().copied())
             .chain([0])
-            .find(|&id| Some(id) != image_token)
+            .find(|id| !image_tokens.contains(id))
             .unwrap_or(0);
         let max_new = |config: &GenerationConfig| {
             config.max_new_tokens.or(defaults.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS)
         };
         let max_new_tokens = configs.iter().map(max_new).max().unwrap_or(0);
         let longest = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-        let context = model.config().text.context_length();
+        let context = model.text_config().context_length();
         if longest == 0 {
             return Err(Error::Input("empty prompt".into()));
         }
@@ -180,14 +180,13 @@ impl<'a> Generator<'a> {
             .zip(&padding)
             .map(|(p, &pad_len)| std::iter::repeat_n(pad, pad_len).chain(p.input_ids.iter().copied()).collect())
             .collect();
-        let device = model.language_model.device();
-        let tiles: Vec<Tensor<4>> = prompts.iter().filter_map(|p| p.pixel_values(&device)).collect();
-        let pixel_values = (!tiles.is_empty()).then(|| Tensor::cat(tiles, 0));
+        let device = model.device();
+        let pixels = Pixels::cat(prompts.iter().filter_map(|p| p.pixels(&device)).collect());
         let mut cache = model.new_cache(prompts.len(), capacity).with_left_padding(padding)?;
 
         let prefill_start = Instant::now();
-        let inputs = ModelInputs { input_ids, pixel_values };
-        let hidden = model.forward_embeds(model.embed_inputs(&inputs)?, &mut cache)?;
+        let inputs = ModelInputs { input_ids, pixels };
+        let hidden = model.hidden_states(&inputs, &mut cache)?;
         let logits = last_position_logits(model, hidden)?;
 
         let rows = prompts
@@ -336,8 +335,8 @@ impl<'a> Generator<'a> {
         }
         let next: Vec<Vec<u32>> =
             self.running.iter().map(|&index| vec![*self.rows[index].tokens.last().unwrap_or(&self.pad)]).collect();
-        let inputs = ModelInputs { input_ids: next, pixel_values: None };
-        let hidden = self.model.forward_embeds(self.model.embed_inputs(&inputs)?, &mut self.cache)?;
+        let inputs = ModelInputs { input_ids: next, pixels: None };
+        let hidden = self.model.hidden_states(&inputs, &mut self.cache)?;
         self.logits = last_position_logits(self.model, hidden)?;
         self.timings.decode_tokens += self.running.len();
         self.timings.decode = Instant::now() - first;
@@ -396,7 +395,7 @@ fn tokens_through_stop(tokenizer: &Tokenizer, generated: &[u32], stop: &str) -> 
 }
 
 /// Logits of the last position of each row, copied to the host as f32.
-fn last_position_logits(model: &InternVlModel, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>> {
+fn last_position_logits(model: &Model, hidden: Tensor<3>) -> Result<Vec<Vec<f32>>> {
     let [batch, seq_len, _] = hidden.dims();
     let logits = model.logits(hidden.narrow(1, seq_len - 1, 1)); // [batch, 1, vocab]
     let [_, _, vocab] = logits.dims();

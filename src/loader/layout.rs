@@ -4,7 +4,7 @@
 //! Parameter names are canonical: transformers' in-memory names without the `model.` prefix
 //! (`vision_tower.*`, `multi_modal_projector.*`, `language_model.*`, `lm_head.*`).
 
-use crate::config::CheckpointLayout;
+use crate::models::internvl::CheckpointLayout;
 use crate::text::TextConfig;
 
 /// A place in the checkpoint that fills one parameter.

@@ -13,39 +13,66 @@ use burn::tensor::{Device, FloatDType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use self::hub::{HubOptions, resolve};
+pub use self::layout::Source;
 pub use self::safetensors::WeightFiles;
-use crate::config::{CheckpointConfig, CheckpointLayout};
+use crate::config::{CheckpointConfig, FamilyConfig, InternVlCheckpoint};
 use crate::error::{Error, Result};
-use crate::models::InternVlModel;
-use crate::text::TextConfig;
+use crate::models::{InternVlModel, Model};
 
-/// Loads an InternVL-family model from a local checkpoint directory: `config.json`, the weights
-/// and (for OpenGVLab checkpoints, whose config does not name it) the image-context token id
-/// from `tokenizer.json`.
-pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, InternVlModel)> {
+/// Loads a model of any supported family from a local checkpoint directory: `config.json`, the
+/// weights, and the few tokenizer facts the model itself needs.
+pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
     let mut config = CheckpointConfig::from_file(&dir.join("config.json"))?;
-    if config.model.image_token_id.is_none() {
-        let token = config.model.variant.image_context_token();
-        config.model.image_token_id = match added_token_id(&dir.join("tokenizer.json"), token)? {
-            Some(id) => Some(id),
-            // SentencePiece checkpoints (InternLM2) list their added tokens only here.
-            None => crate::processing::tokenizer::TokenizerConfig::from_dir(dir)?
-                .added_tokens()?
-                .into_iter()
-                .find_map(|(id, content)| (content == token).then_some(id)),
-        };
-    }
     let files = WeightFiles::open(dir)?;
-    check_size(&config, &files, &dir.join("config.json"))?;
-    let model = config.model.init(device);
-    let model = fill(model, &files, config.layout, device)?;
+    let config_path = dir.join("config.json");
+    let model = match &mut config.family {
+        FamilyConfig::InternVl(checkpoint) => {
+            resolve_image_token(dir, checkpoint)?;
+            let model = &checkpoint.model;
+            let layers = model.vision.num_hidden_layers as u128 + model.text.num_hidden_layers as u128;
+            check_size(model.min_parameters(), layers, &files, &config_path)?;
+            let text = model.text.clone();
+            let sources = |canonical: &str| layout::sources(checkpoint.layout, canonical, &text);
+            let tied = if text.tie_word_embeddings { INTERNVL_STORED_LM_HEADS } else { &[] };
+            Model::InternVl(fill(model.init(device), &files, &sources, tied, device)?)
+        }
+    };
     Ok((config, model))
 }
 
-/// Refuses a configuration that describes a model bigger than its weight files, before anything
-/// is allocated for it: a typo'd or hostile `hidden_size` must be an error, not an abort.
-fn check_size(config: &CheckpointConfig, files: &WeightFiles, path: &Path) -> Result<()> {
-    let needed = config.model.min_parameters();
+/// Loads an InternVL-family checkpoint as its concrete model type.
+pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, InternVlModel)> {
+    let (config, model) = load(dir, device)?;
+    match model {
+        Model::InternVl(model) => Ok((config, model)),
+    }
+}
+
+/// Where an InternVL checkpoint may store a tied `lm_head` anyway (never used).
+const INTERNVL_STORED_LM_HEADS: &[&str] =
+    &["language_model.lm_head.weight", "lm_head.weight", "language_model.output.weight"];
+
+/// OpenGVLab checkpoints do not name their image-context token id in config.json: it comes from
+/// `tokenizer.json`, or for SentencePiece checkpoints (InternLM2) from `tokenizer_config.json`.
+fn resolve_image_token(dir: &Path, checkpoint: &mut InternVlCheckpoint) -> Result<()> {
+    if checkpoint.model.image_token_id.is_some() {
+        return Ok(());
+    }
+    let token = checkpoint.model.variant.image_context_token();
+    checkpoint.model.image_token_id = match added_token_id(&dir.join("tokenizer.json"), token)? {
+        Some(id) => Some(id),
+        None => crate::processing::tokenizer::TokenizerConfig::from_dir(dir)?
+            .added_tokens()?
+            .into_iter()
+            .find_map(|(id, content)| (content == token).then_some(id)),
+    };
+    Ok(())
+}
+
+/// Refuses a configuration that describes a model bigger than its weight files (`needed`
+/// parameters at least, `layers` layers), before anything is allocated for it: a typo'd or hostile
+/// `hidden_size` must be an error, not an abort.
+fn check_size(needed: u128, layers: u128, files: &WeightFiles, path: &Path) -> Result<()> {
     let held = files.total_elements() as u128;
     if needed > held {
         return Err(Error::config(
@@ -53,7 +80,6 @@ fn check_size(config: &CheckpointConfig, files: &WeightFiles, path: &Path) -> Re
             format!("it describes a model of at least {needed} parameters, but the weight files hold {held} values"),
         ));
     }
-    let layers = config.model.vision.num_hidden_layers as u128 + config.model.text.num_hidden_layers as u128;
     let tensors = files.names().count() as u128;
     if layers > tensors {
         return Err(Error::config(
@@ -64,25 +90,24 @@ fn check_size(config: &CheckpointConfig, files: &WeightFiles, path: &Path) -> Re
     Ok(())
 }
 
-/// Replaces every parameter of `model` with its checkpoint tensor. Fails on a shape mismatch, on
-/// parameters left unfilled and on checkpoint tensors left unused (a tied `lm_head` stored anyway
-/// is the one tensor allowed to go unused).
-pub fn fill(
-    model: InternVlModel,
+/// Replaces every parameter of `model` with its checkpoint tensor, found through `sources`
+/// (canonical parameter name -> candidate places in the checkpoint, most likely first). Fails on a
+/// shape mismatch, on parameters left unfilled and on checkpoint tensors left unused, except the
+/// `tied` ones (an `lm_head` stored although tied to the embeddings).
+pub fn fill<M: Module>(
+    model: M,
     files: &WeightFiles,
-    layout: CheckpointLayout,
+    sources: &dyn Fn(&str) -> Vec<Source>,
+    tied: &[&str],
     device: &Device,
-) -> Result<InternVlModel> {
+) -> Result<M> {
     let progress = ProgressBar::new(files.total_bytes() as u64).with_style(
         ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let tied = model.lm_head.is_none();
-    let text = model.config().text.clone();
     let mut filler = Filler {
         files,
-        layout,
-        text: &text,
+        sources,
         device: device.clone(),
         dtype: device.settings().float_dtype,
         path: Vec::new(),
@@ -98,13 +123,9 @@ pub fn fill(
         return Err(error);
     }
     let mut used = filler.used;
-    if tied {
-        for name in ["language_model.lm_head.weight", "lm_head.weight", "language_model.output.weight"] {
-            if files.get(name).is_some() {
-                log::debug!("ignoring {name}: the output projection is tied to the embeddings");
-                used.insert(name.to_string());
-            }
-        }
+    for name in tied.iter().filter(|name| files.get(name).is_some()) {
+        log::debug!("ignoring {name}: the output projection is tied to the embeddings");
+        used.insert(name.to_string());
     }
     let unused: Vec<String> = files.names().filter(|name| !used.contains(*name)).map(String::from).collect();
     if !filler.missing.is_empty() || !unused.is_empty() {
@@ -116,9 +137,7 @@ pub fn fill(
 /// Walks the module tree, tracking the canonical parameter path, and swaps in checkpoint tensors.
 struct Filler<'a> {
     files: &'a WeightFiles,
-    layout: CheckpointLayout,
-    /// The decoder's head geometry, which fused q/k/v tensors are split by.
-    text: &'a TextConfig,
+    sources: &'a dyn Fn(&str) -> Vec<Source>,
     device: Device,
     dtype: FloatDType,
     /// Path segments of the module being visited.
@@ -144,7 +163,7 @@ impl Filler<'_> {
     fn load<const D: usize>(&mut self, expected: [usize; D]) -> Result<Option<Tensor<D>>> {
         let canonical = self.path.join(".");
         let transpose = self.at_linear_weight();
-        let sources = layout::sources(self.layout, &canonical, self.text);
+        let sources = (self.sources)(&canonical);
         let Some(source) = sources.into_iter().find(|s| self.files.get(&s.name).is_some()) else {
             self.missing.push(canonical);
             return Ok(None);

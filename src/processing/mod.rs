@@ -5,45 +5,77 @@
 //! Processing never touches weights; the model never touches strings.
 
 pub mod chat;
+pub mod encoding;
 pub mod image;
+pub mod internvl;
 pub mod message;
 pub mod prompt;
 mod sentencepiece;
 pub mod tiling;
 pub mod tokenizer;
 
-use std::path::Path;
-
-use burn::tensor::{Device, Tensor, TensorData};
-use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 pub use self::chat::{ChatTemplate, TemplateMessage};
+pub use self::encoding::{Encoding, Visual};
 pub use self::image::{AlphaMode, Image, ImageLimits, Normalization};
+pub use self::internvl::InternVlImages;
 pub use self::message::{Content, Message, Role};
 pub use self::prompt::ImagePlaceholders;
 pub use self::tiling::{Grid, TilingConfig};
 pub use self::tokenizer::Tokenizer;
-use crate::config::{CheckpointConfig, CheckpointLayout};
+use crate::config::{CheckpointConfig, FamilyConfig};
 use crate::error::{Error, Result};
-use crate::models::{InternVlVariant, ModelInputs};
 
-/// Everything that decides how a conversation becomes model inputs, read from a checkpoint.
+/// The family-specific part of a processor: how images become pixel values and prompt text.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ProcessorConfig {
+pub enum ImageProcessor {
+    /// InternVL and NVLM-D: dynamic tiles.
+    InternVl(InternVlImages),
+}
+
+impl ImageProcessor {
+    /// Reads the image settings of a checkpoint directory.
+    pub fn from_dir(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Tokenizer) -> Result<Self> {
+        match &checkpoint.family {
+            FamilyConfig::InternVl(internvl) => Ok(Self::InternVl(InternVlImages::from_dir(dir, internvl, tokenizer)?)),
+        }
+    }
+
     /// How images appear in prompts.
-    pub placeholders: ImagePlaceholders,
-    /// How images are cut into tiles.
-    pub tiling: TilingConfig,
-    /// Rescaling and normalisation of pixel values.
-    pub normalization: Normalization,
-    /// How transparent pixels become RGB.
-    pub alpha: AlphaMode,
-    /// Image-context tokens per tile.
-    pub tokens_per_tile: usize,
-    /// Token id of the image-context token.
-    pub image_token_id: u32,
-    /// Longest prompt the model accepts, in tokens.
-    pub max_context: usize,
+    fn placeholders(&self) -> &ImagePlaceholders {
+        match self {
+            ImageProcessor::InternVl(images) => &images.placeholders,
+        }
+    }
+
+    /// How each image is cut up, from its size alone (no pixel is touched).
+    fn plan(&self, images: &[&Image], options: &ProcessOptions) -> Result<Vec<Visual>> {
+        match self {
+            ImageProcessor::InternVl(internvl) => internvl.plan(images, options),
+        }
+    }
+
+    /// The rendered prompt with each image's placeholder expanded to its tokens' text.
+    fn expand(&self, rendered: &str, visuals: &[Visual]) -> Result<String> {
+        match self {
+            ImageProcessor::InternVl(internvl) => internvl.expand(rendered, visuals),
+        }
+    }
+
+    /// The token ids image features are written over.
+    fn image_token_ids(&self) -> Vec<u32> {
+        match self {
+            ImageProcessor::InternVl(internvl) => vec![internvl.image_token_id],
+        }
+    }
+
+    /// The pixel values of every image, as the family's vision tower takes them.
+    fn pixel_values(&self, images: &[&Image], visuals: &[Visual], options: &ProcessOptions) -> Result<Vec<f32>> {
+        match self {
+            ImageProcessor::InternVl(internvl) => internvl.pixel_values(images, visuals, options),
+        }
+    }
 }
 
 /// Per-call settings.
@@ -75,56 +107,15 @@ fn ordered_parts(message: &Message, images_first: bool) -> Vec<&Content> {
     parts
 }
 
-/// How one image was tiled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ImageTiles {
-    /// The grid chosen for it.
-    pub grid: Grid,
-    /// Tiles it contributes, thumbnail included.
-    pub tiles: usize,
-}
-
-/// A processed conversation.
-#[derive(Debug, Clone)]
-pub struct Encoding {
-    /// Token ids, image-context tokens included.
-    pub input_ids: Vec<u32>,
-    /// Every tile of every image, in prompt order, `[tiles, 3, tile_size, tile_size]`, normalised.
-    pub pixel_values: Vec<f32>,
-    /// Side of a tile in pixels.
-    pub tile_size: usize,
-    /// How each image was tiled, in prompt order.
-    pub images: Vec<ImageTiles>,
-    /// The rendered chat template, before image placeholders were expanded.
-    pub prompt: String,
-}
-
-impl Encoding {
-    /// Tiles of all images together.
-    pub fn num_tiles(&self) -> usize {
-        self.images.iter().map(|image| image.tiles).sum()
-    }
-
-    /// The pixel values as a tensor, `None` without images.
-    pub fn pixel_values(&self, device: &Device) -> Option<Tensor<4>> {
-        (!self.images.is_empty()).then(|| {
-            let shape = [self.num_tiles(), 3, self.tile_size, self.tile_size];
-            Tensor::from_data(TensorData::new(self.pixel_values.clone(), shape), device)
-        })
-    }
-
-    /// Inputs for one sequence.
-    pub fn to_model_inputs(&self, device: &Device) -> ModelInputs {
-        ModelInputs { input_ids: vec![self.input_ids.clone()], pixel_values: self.pixel_values(device) }
-    }
-}
-
-/// Turns conversations into model inputs for one checkpoint.
+/// Turns conversations into model inputs for one checkpoint: the chat template and the tokenizer
+/// (shared by every family) around the family's [`ImageProcessor`].
 #[derive(Debug)]
 pub struct Processor {
-    config: ProcessorConfig,
+    images: ImageProcessor,
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    /// Longest prompt the model accepts, in tokens.
+    max_context: usize,
 }
 
 impl Processor {
@@ -133,18 +124,23 @@ impl Processor {
         let tokenizer = Tokenizer::from_dir(dir)?;
         let template = ChatTemplate::from_dir(dir)?
             .ok_or_else(|| Error::Template(format!("{} has no chat template", dir.display())))?;
-        let config = processor_config(dir, checkpoint, &tokenizer)?;
-        Ok(Self { config, tokenizer, template })
+        let images = ImageProcessor::from_dir(dir, checkpoint, &tokenizer)?;
+        Ok(Self { images, tokenizer, template, max_context: checkpoint.text().context_length() })
     }
 
     /// Assembles a processor from its parts.
-    pub fn new(config: ProcessorConfig, tokenizer: Tokenizer, template: ChatTemplate) -> Self {
-        Self { config, tokenizer, template }
+    pub fn new(images: ImageProcessor, tokenizer: Tokenizer, template: ChatTemplate, max_context: usize) -> Self {
+        Self { images, tokenizer, template, max_context }
     }
 
-    /// The settings in use.
-    pub fn config(&self) -> &ProcessorConfig {
-        &self.config
+    /// The family's image settings.
+    pub fn images(&self) -> &ImageProcessor {
+        &self.images
+    }
+
+    /// Longest prompt the model accepts, in tokens.
+    pub fn max_context(&self) -> usize {
+        self.max_context
     }
 
     /// The tokenizer.
@@ -153,58 +149,37 @@ impl Processor {
     }
 
     /// Processes a conversation. Every check on the input (image count, prompt length) happens
-    /// here, before any model compute.
+    /// here, before any model compute; pixels are resized only once the prompt is known to fit.
     pub fn encode(&self, messages: &[Message], options: &ProcessOptions) -> Result<Encoding> {
         if messages.is_empty() {
             return Err(Error::Input("a conversation needs at least one message".into()));
         }
-        let tiling = self.tiling(options)?;
         let prompt = self.render_with(messages, options)?;
-        let image_count = messages.iter().map(|m| m.images().count()).sum::<usize>();
-        let placeholders = prompt.matches(self.config.placeholders.placeholder()).count();
-        if placeholders != image_count {
-            return Err(Error::ImageCount { images: image_count, placeholders });
-        }
-
         // Moving images before text keeps their order among themselves, so this is prompt order.
-        // How many tiles each image makes follows from its size alone: the prompt is tokenized
-        // and checked against the context before any pixel is resized.
-        let images: Vec<ImageTiles> = messages
-            .iter()
-            .flat_map(Message::images)
-            .map(|image| {
-                let (grid, tiles) = tiling::tile_layout(image.width(), image.height(), &tiling);
-                ImageTiles { grid, tiles }
-            })
-            .collect();
-        let tiles_per_image: Vec<usize> = images.iter().map(|image| image.tiles).collect();
+        let images: Vec<&Image> = messages.iter().flat_map(Message::images).collect();
+        let placeholders = prompt.matches(self.images.placeholders().placeholder()).count();
+        if placeholders != images.len() {
+            return Err(Error::ImageCount { images: images.len(), placeholders });
+        }
+        let visuals = self.images.plan(&images, options)?;
         // The image tokens alone may already be over the context: say so before writing them out.
-        let image_tokens = tiles_per_image.iter().sum::<usize>().saturating_mul(self.config.tokens_per_tile);
-        if image_tokens > self.config.max_context {
-            return Err(Error::ContextOverflow { requested: image_tokens, limit: self.config.max_context });
+        let features = visuals.iter().map(Visual::tokens).fold(0, usize::saturating_add);
+        if features > self.max_context {
+            return Err(Error::ContextOverflow { requested: features, limit: self.max_context });
         }
-        let text = self.config.placeholders.expand(&prompt, &tiles_per_image, self.config.tokens_per_tile)?;
+        let text = self.images.expand(&prompt, &visuals)?;
         let input_ids = self.tokenizer.encode(&text)?;
-        if input_ids.len() > self.config.max_context {
-            return Err(Error::ContextOverflow { requested: input_ids.len(), limit: self.config.max_context });
+        if input_ids.len() > self.max_context {
+            return Err(Error::ContextOverflow { requested: input_ids.len(), limit: self.max_context });
         }
-        let image_tokens = input_ids.iter().filter(|&&id| id == self.config.image_token_id).count();
-        let features = tiles_per_image.iter().sum::<usize>() * self.config.tokens_per_tile;
+        let image_token_ids = self.images.image_token_ids();
+        let image_tokens = input_ids.iter().filter(|id| image_token_ids.contains(id)).count();
         if image_tokens != features {
-            // The text itself contained image-context tokens.
+            // The text itself contained image tokens.
             return Err(Error::InputMismatch { image_tokens, image_features: features });
         }
-
-        let size = tiling.tile_size as usize;
-        let mut pixel_values = Vec::with_capacity(tiles_per_image.iter().sum::<usize>() * 3 * size * size);
-        for image in messages.iter().flat_map(Message::images) {
-            let rgb = image.rgb8(self.config.alpha);
-            let (_, tiles) = tiling::split_into_tiles(&rgb, &tiling);
-            for tile in &tiles {
-                self.config.normalization.extend_chw(tile, &mut pixel_values);
-            }
-        }
-        Ok(Encoding { input_ids, pixel_values, tile_size: size, images, prompt })
+        let pixel_values = self.images.pixel_values(&images, &visuals, options)?;
+        Ok(Encoding { input_ids, pixel_values, visuals, prompt })
     }
 
     /// Tokens that end the assistant's turn, for checkpoints that do not name their end-of-sequence
@@ -241,7 +216,7 @@ impl Processor {
     }
 
     fn render_with(&self, messages: &[Message], options: &ProcessOptions) -> Result<String> {
-        let placeholders = &self.config.placeholders;
+        let placeholders = self.images.placeholders();
         let image_count = messages.iter().map(|m| m.images().count()).sum::<usize>();
         let mut image_index = 0;
         let rendered: Vec<TemplateMessage> = messages
@@ -274,186 +249,22 @@ impl Processor {
         let (bos, eos) = (self.tokenizer.bos_token(), self.tokenizer.eos_token());
         self.template.render(&rendered, options.add_generation_prompt, bos, eos)
     }
-
-    fn tiling(&self, options: &ProcessOptions) -> Result<TilingConfig> {
-        let mut tiling = self.config.tiling;
-        tiling.max_tiles = options.max_tiles.unwrap_or(tiling.max_tiles);
-        tiling.min_tiles = options.min_tiles.unwrap_or(tiling.min_tiles);
-        if tiling.min_tiles == 0 || tiling.min_tiles > tiling.max_tiles || tiling.max_tiles > tiling::MAX_TILES {
-            return Err(Error::Input(format!(
-                "tile limits must satisfy 1 <= min_tiles <= max_tiles <= {}, got {}..={}",
-                tiling::MAX_TILES,
-                tiling.min_tiles,
-                tiling.max_tiles
-            )));
-        }
-        Ok(tiling)
-    }
 }
 
-/// `preprocessor_config.json` (or the `image_processor` of `processor_config.json`) of
-/// transformers' GotOcr2ImageProcessor, and the normalisation fields of OpenGVLab's CLIP one.
-#[derive(Deserialize, Default)]
-struct ImageProcessorJson {
-    size: Option<SizeJson>,
-    min_patches: Option<usize>,
-    max_patches: Option<usize>,
-    image_mean: Option<[f32; 3]>,
-    image_std: Option<[f32; 3]>,
-    rescale_factor: Option<f32>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeJson {
-    Square(u32),
-    HeightWidth { height: u32, width: u32 },
-}
-
-fn read_image_processor(dir: &Path) -> Result<Option<ImageProcessorJson>> {
+/// The image processor's settings of a checkpoint: `preprocessor_config.json`, or the
+/// `image_processor` of `processor_config.json`; with the file it came from.
+pub(crate) fn read_image_processor(dir: &Path) -> Result<Option<(PathBuf, serde_json::Value)>> {
     let flat = dir.join("preprocessor_config.json");
     let nested = dir.join("processor_config.json");
     let read = |path: &Path| -> Result<serde_json::Value> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
     };
-    let (path, value) = if flat.exists() {
-        (flat.clone(), read(&flat)?)
-    } else if nested.exists() {
-        match read(&nested)?.get("image_processor") {
-            Some(value) => (nested.clone(), value.clone()),
-            None => return Ok(None),
-        }
-    } else {
-        return Ok(None);
-    };
-    serde_json::from_value(value).map(Some).map_err(|source| Error::Json { path, source })
-}
-
-fn processor_config(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Tokenizer) -> Result<ProcessorConfig> {
-    let model = &checkpoint.model;
-    let json = read_image_processor(dir)?.unwrap_or_default();
-    let vision_size = model.vision.image_size as u32;
-    let normalization = Normalization {
-        rescale_factor: json.rescale_factor.unwrap_or(1.0 / 255.0),
-        mean: json.image_mean.unwrap_or(Normalization::IMAGENET.mean),
-        std: json.image_std.unwrap_or(Normalization::IMAGENET.std),
-    };
-    let (placeholders, tiling, alpha) = match checkpoint.layout {
-        CheckpointLayout::Transformers => {
-            let extra = tokenizer_extra_tokens(dir)?;
-            let token =
-                |key: &str, default: &str| extra.get(key).and_then(|v| v.as_str()).unwrap_or(default).to_string();
-            let placeholders = ImagePlaceholders::Transformers {
-                start: token("start_image_token", "<img>"),
-                context: token("context_image_token", "<IMG_CONTEXT>"),
-                end: token("end_image_token", "</img>"),
-            };
-            let tile_size = match json.size {
-                Some(SizeJson::Square(side)) => side,
-                Some(SizeJson::HeightWidth { height, width }) if height == width => height,
-                Some(SizeJson::HeightWidth { height, width }) => {
-                    return Err(Error::config(
-                        dir.join("preprocessor_config.json"),
-                        format!("tile size {height}x{width} is not square"),
-                    ));
-                }
-                None => vision_size,
-            };
-            let tiling = TilingConfig {
-                tile_size,
-                // InternVLProcessor passes `crop_to_patches=True` over the image processor's own
-                // setting (its default images_kwargs), so checkpoints saying `false` still tile.
-                dynamic: true,
-                min_tiles: json.min_patches.unwrap_or(1),
-                max_tiles: json.max_patches.unwrap_or(12),
-                use_thumbnail: true,
-            };
-            (placeholders, tiling, AlphaMode::CompositeOnWhite)
-        }
-        CheckpointLayout::OpenGvLab | CheckpointLayout::OpenGvLabInternLm2 => {
-            let defaults = checkpoint.tiling.unwrap_or(crate::config::TilingDefaults {
-                dynamic: true,
-                min_tiles: 1,
-                max_tiles: 12,
-                use_thumbnail: true,
-            });
-            let placeholders = match model.variant {
-                InternVlVariant::InternVl => ImagePlaceholders::InternVl,
-                InternVlVariant::NvlmD => ImagePlaceholders::NvlmD,
-            };
-            let tiling = TilingConfig {
-                tile_size: vision_size,
-                dynamic: defaults.dynamic,
-                min_tiles: defaults.min_tiles,
-                max_tiles: defaults.max_tiles,
-                use_thumbnail: defaults.use_thumbnail,
-            };
-            (placeholders, tiling, AlphaMode::Discard)
-        }
-    };
-    let fail = |message: String| Err(Error::config(dir.join("preprocessor_config.json"), message));
-    if normalization.std.iter().any(|s| !s.is_finite() || *s == 0.0) {
-        return fail(format!("image_std {:?} must be finite and non-zero", normalization.std));
+    if flat.exists() {
+        return Ok(Some((flat.clone(), read(&flat)?)));
     }
-    if normalization.mean.iter().any(|m| !m.is_finite()) {
-        return fail(format!("image_mean {:?} must be finite", normalization.mean));
+    if nested.exists() {
+        return Ok(read(&nested)?.get("image_processor").map(|value| (nested.clone(), value.clone())));
     }
-    if !(normalization.rescale_factor.is_finite() && normalization.rescale_factor > 0.0) {
-        return fail(format!("rescale_factor {} must be a finite number > 0", normalization.rescale_factor));
-    }
-    if tiling.min_tiles == 0 || tiling.min_tiles > tiling.max_tiles || tiling.max_tiles > tiling::MAX_TILES {
-        return fail(format!(
-            "tile limits must satisfy 1 <= min <= max <= {}, got {}..={}",
-            tiling::MAX_TILES,
-            tiling.min_tiles,
-            tiling.max_tiles
-        ));
-    }
-    if tiling.tile_size != vision_size {
-        return Err(Error::config(
-            dir.join("preprocessor_config.json"),
-            format!("tiles of {} pixels, but the vision tower takes {vision_size}", tiling.tile_size),
-        ));
-    }
-    let context_token = model.variant.image_context_token();
-    let image_token_id = tokenizer
-        .token_id(context_token)
-        .ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {context_token} token")))?;
-    if let Some(configured) = model.image_token_id.filter(|&id| id != image_token_id) {
-        return Err(Error::config(
-            dir.join("config.json"),
-            format!("image_token_id {configured} differs from the tokenizer's {context_token} ({image_token_id})"),
-        ));
-    }
-    Ok(ProcessorConfig {
-        placeholders,
-        tiling,
-        normalization,
-        alpha,
-        tokens_per_tile: model.tokens_per_tile(),
-        image_token_id,
-        max_context: model.text.context_length(),
-    })
-}
-
-fn tokenizer_extra_tokens(dir: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let path = dir.join("tokenizer_config.json");
-    if !path.exists() {
-        return Ok(serde_json::Map::new());
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let config: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path, source })?;
-    // transformers 5 writes the named tokens at the top level (`start_image_token`, ...); earlier
-    // files keep them in an `extra_special_tokens` map.
-    let mut named = match config.get("extra_special_tokens") {
-        Some(serde_json::Value::Object(named)) => named.clone(),
-        _ => serde_json::Map::new(),
-    };
-    for key in ["start_image_token", "context_image_token", "end_image_token"] {
-        if let Some(value) = config.get(key) {
-            named.insert(key.to_string(), value.clone());
-        }
-    }
-    Ok(named)
+    Ok(None)
 }

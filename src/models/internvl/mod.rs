@@ -5,6 +5,10 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+pub mod config;
+
+pub use self::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
+use super::{ModelInputs, Pixels};
 use crate::error::{Error, Result};
 use crate::nn::{KvCache, Linear, LinearConfig};
 use crate::projector::{MultiModalProjector, PixelShuffleVersion, ProjectorConfig, pixel_shuffle};
@@ -107,17 +111,6 @@ impl InternVlConfig {
     }
 }
 
-/// Token ids and images for one forward pass.
-#[derive(Debug, Clone)]
-pub struct ModelInputs {
-    /// One row of token ids per sequence; all rows the same length (left-pad shorter prompts and
-    /// declare the padding in the [`KvCache`]).
-    pub input_ids: Vec<Vec<u32>>,
-    /// Every tile of every image, in the order their image-context tokens appear (row by row),
-    /// `[tiles, 3, size, size]`, normalised.
-    pub pixel_values: Option<Tensor<4>>,
-}
-
 /// An InternVL-family model: vision tower, projector, decoder and output projection.
 #[derive(Module, Debug)]
 pub struct InternVlModel {
@@ -182,7 +175,7 @@ impl InternVlModel {
             }
             None => Vec::new(),
         };
-        let Some(pixel_values) = inputs.pixel_values.clone() else {
+        let Some(Pixels::Tiles(pixel_values)) = inputs.pixels.clone() else {
             if positions.is_empty() {
                 return Ok(embeds);
             }

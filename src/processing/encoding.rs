@@ -1,0 +1,77 @@
+//! A processed conversation: token ids, and pixel values laid out as the family's vision tower
+//! takes them.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::tiling::Grid;
+use crate::models::{ModelInputs, Pixels};
+
+/// How one image of a prompt was cut up for the vision tower.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Visual {
+    /// InternVL: `tiles` square tiles of `size` pixels (a grid, then a thumbnail if any).
+    Tiles {
+        /// The grid chosen for the image.
+        grid: Grid,
+        /// Tiles it contributes, thumbnail included.
+        tiles: usize,
+        /// Side of a tile in pixels.
+        size: usize,
+        /// Image tokens it fills in the prompt.
+        tokens: usize,
+    },
+}
+
+impl Visual {
+    /// How many pixel values it holds.
+    pub fn values(&self) -> usize {
+        match *self {
+            Visual::Tiles { tiles, size, .. } => tiles * 3 * size * size,
+        }
+    }
+
+    /// Image tokens it fills in the prompt.
+    pub fn tokens(&self) -> usize {
+        match *self {
+            Visual::Tiles { tokens, .. } => tokens,
+        }
+    }
+}
+
+/// A processed conversation.
+#[derive(Debug, Clone)]
+pub struct Encoding {
+    /// Token ids, image tokens included.
+    pub input_ids: Vec<u32>,
+    /// The pixel values of every image, in prompt order, as [`visuals`](Self::visuals) lays
+    /// them out (InternVL: `[tiles, 3, size, size]`, normalised).
+    pub pixel_values: Vec<f32>,
+    /// How each image was cut up, in prompt order.
+    pub visuals: Vec<Visual>,
+    /// The rendered chat template, before image placeholders were expanded.
+    pub prompt: String,
+}
+
+impl Encoding {
+    /// Image tokens of all images together: what the vision tower produces for this prompt.
+    pub fn image_tokens(&self) -> usize {
+        self.visuals.iter().map(Visual::tokens).sum()
+    }
+
+    /// The pixel values as the model takes them, `None` without images.
+    pub fn pixels(&self, device: &Device) -> Option<Pixels> {
+        let first = self.visuals.first()?;
+        match *first {
+            Visual::Tiles { size, .. } => {
+                let tiles = self.visuals.iter().map(|visual| visual.values()).sum::<usize>() / (3 * size * size);
+                let data = TensorData::new(self.pixel_values.clone(), [tiles, 3, size, size]);
+                Some(Pixels::Tiles(Tensor::from_data(data, device)))
+            }
+        }
+    }
+
+    /// Inputs for one sequence.
+    pub fn to_model_inputs(&self, device: &Device) -> ModelInputs {
+        ModelInputs { input_ids: vec![self.input_ids.clone()], pixels: self.pixels(device) }
+    }
+}
