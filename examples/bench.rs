@@ -82,6 +82,8 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
         rms_norm_eps: 1e-6,
         rope_theta: 1_000_000.0,
         rope_scaling: vlm::nn::rope::RopeScaling::None,
+        mrope: None,
+        qk_norm: false,
         max_position_embeddings: 32_768,
         qkv_bias: true,
         o_bias: false,

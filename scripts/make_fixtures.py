@@ -10,7 +10,9 @@ transformers itself, plus the reference activations that `vlm`'s tests compare a
 Everything is seeded, so a re-run rewrites the same files (up to library version changes). No network
 is needed: the tokenizers are trained here on a small built-in corpus. Groups (`--only`): internvl3,
 internvl2-llama-untied, nvlm-d, processor, internvl2-internlm2, internvl-rope-linear, internvl-rope-dynamic,
-internvl-rope-llama3, internvl-rope-yarn. Without `--only` models/, reference/ and tokenizer/ are wiped first.
+internvl-rope-llama3, internvl-rope-yarn, and the Qwen-VL groups qwen_vl_processor, qwen2_5_vl, qwen3_vl (written
+by scripts/fixtures_qwen_vl.py, whose docstring documents them). Without `--only` models/, reference/ and
+tokenizer/ are wiped first.
 
 Layout of the output:
     tests/fixtures/models/<name>/      a checkpoint as a user would download it (config.json, weights,
@@ -54,6 +56,7 @@ Models (every parameter re-randomised; default init leaves norms at 1 and biases
     The RoPE and InternLM2 references also hold `greedy_step_logits` [steps, vocab] (the logits of every
     greedy step, with the KV cache); the RoPE ones `rope_inv_freq` [steps, head_dim/2], `rope_seq_len`,
     `rope_attention_scaling` per decoder forward (step 0 = the prompt).
+    qwen2_5-vl, qwen2_5-vl-hf5, qwen2_5-vl-tied, qwen3-vl: see scripts/fixtures_qwen_vl.py.
 """
 
 import argparse
@@ -141,7 +144,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 MAX_TILES = 6
 
 
-def build_tokenizer():
+def train_bpe():
+    """The 400-piece byte-level BPE every Qwen2-style fixture tokenizer is built on: (vocab, merges)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -150,8 +154,13 @@ def build_tokenizer():
     bpe.train_from_iterator([CORPUS] * 4, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def build_tokenizer():
+    vocab, merges = train_bpe()
     tok = Qwen2Tokenizer(
-        vocab=model["vocab"],
+        vocab=vocab,
         merges=merges,
         extra_special_tokens={
             "start_image_token": "<img>",
@@ -1204,8 +1213,9 @@ def write_processor_fixtures(out_dir, tok):
     images_dir = out_dir / "images"
     write_images(images_dir)
     proc_dir = out_dir / "processor"
-    shutil.rmtree(proc_dir, ignore_errors=True)
-    proc_dir.mkdir(parents=True)
+    proc_dir.mkdir(parents=True, exist_ok=True)
+    for rel in GROUP_FILES["processor"]:  # not processor/qwen-*, which the qwen_vl_processor group owns
+        (out_dir / rel).unlink(missing_ok=True)
     index = []
     for name, style, spec in PROCESSOR_CASES:
         messages = [{"role": role, "content": [{"type": kind, ("text" if kind == "text" else "path"): value}
@@ -1416,7 +1426,19 @@ def make_rope_fixture(out_dir, tok, name):
     save_hf(model, out_dir / "models" / name, tok)
 
 
-GROUPS = ["internvl3", "internvl2-llama-untied", "nvlm-d", "processor", "internvl2-internlm2"] + list(ROPE_FIXTURES)
+# Groups written by fixtures_qwen_vl.py, and the files each owns.
+QWEN_VL_GROUP_FILES = {
+    "qwen_vl_processor": ["processor/qwen-cases.json", "processor/qwen-smart-resize.json"]
+                         + [f"processor/qwen-{name.removeprefix('qwen-')}.safetensors" for name in (
+                             "qwen-tiny-10x10", "qwen-tall-30x200", "qwen-wide-300x41", "qwen-big-320x240",
+                             "qwen-half-98x70", "qwen-half-112x80", "alpha")],
+    "qwen2_5_vl": ["models/qwen2_5-vl", "models/qwen2_5-vl-hf5", "models/qwen2_5-vl-tied",
+                   "reference/qwen2_5-vl.safetensors", "reference/qwen2_5-vl.json",
+                   "reference/qwen2_5-vl-tied.safetensors", "reference/qwen2_5-vl-tied.json"],
+    "qwen3_vl": ["models/qwen3-vl", "reference/qwen3-vl.safetensors", "reference/qwen3-vl.json"],
+}
+GROUPS = (["internvl3", "internvl2-llama-untied", "nvlm-d", "processor", "internvl2-internlm2"] + list(ROPE_FIXTURES)
+          + list(QWEN_VL_GROUP_FILES))
 # Files each group owns under tests/fixtures (what `--only` deletes before rewriting).
 GROUP_FILES = {
     "internvl3": ["models/internvl3-hf", "models/internvl3-hf-sharded", "models/internvl3-original",
@@ -1425,10 +1447,13 @@ GROUP_FILES = {
     "internvl2-llama-untied": ["models/internvl2-llama-untied", "reference/internvl2-llama-untied.safetensors",
                                "reference/internvl2-llama-untied.json"],
     "nvlm-d": ["models/nvlm-d", "reference/nvlm-d.safetensors", "reference/nvlm-d.json"],
-    "processor": ["processor"],  # images/ is rewritten in place
+    # images/ is rewritten in place
+    "processor": ["processor/cases.json", "processor/grids-448.json", "processor/large-448.safetensors"]
+                 + [f"processor/{name}.safetensors" for name, _, _ in PROCESSOR_CASES],
     "internvl2-internlm2": ["models/internvl2-internlm2", "reference/internvl2-internlm2.safetensors",
                             "reference/internvl2-internlm2.json", "tokenizer/internlm2.json"],
     **{name: [f"models/{name}", f"reference/{name}.safetensors", f"reference/{name}.json"] for name in ROPE_FIXTURES},
+    **QWEN_VL_GROUP_FILES,
 }
 
 
@@ -1475,6 +1500,9 @@ def main():
             write_processor_fixtures(out_dir, tok)
         elif group == "internvl2-internlm2":
             make_internvl2_internlm2(out_dir, tok)
+        elif group in QWEN_VL_GROUP_FILES:
+            import fixtures_qwen_vl  # imports this module back for the tokenizer corpus, rerandomise, test_image
+            fixtures_qwen_vl.make_group(group, out_dir)
         else:
             make_rope_fixture(out_dir, tok, group)
 

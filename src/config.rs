@@ -11,8 +11,9 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 pub use crate::models::internvl::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
+pub use crate::models::qwen_vl::config::QwenVlCheckpoint;
 use crate::nn::Activation;
-use crate::nn::rope::{RopeScaling, yarn_attention_factor};
+use crate::nn::rope::{MultimodalRope, RopeScaling, yarn_attention_factor};
 use crate::text::TextConfig;
 
 /// The longest context a configuration may declare (`max_position_embeddings`): 16M tokens, beyond
@@ -32,16 +33,23 @@ pub enum Architecture {
     InternVlChat,
     /// `NVLM_D` (NVIDIA NVLM-D-72B).
     NvlmD,
+    /// `Qwen2_5_VLForConditionalGeneration` (Qwen2.5-VL, NVIDIA Cosmos-Reason1).
+    Qwen2_5Vl,
+    /// `Qwen3VLForConditionalGeneration` (Qwen3-VL, NVIDIA Cosmos-Reason2).
+    Qwen3Vl,
 }
 
 impl Architecture {
-    const SUPPORTED: &'static str = "InternVLForConditionalGeneration, InternVLChatModel, NVLM_D";
+    const SUPPORTED: &'static str = "InternVLForConditionalGeneration, InternVLChatModel, NVLM_D, \
+        Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
             "InternVLForConditionalGeneration" => Some(Self::InternVlHf),
             "InternVLChatModel" => Some(Self::InternVlChat),
             "NVLM_D" => Some(Self::NvlmD),
+            "Qwen2_5_VLForConditionalGeneration" => Some(Self::Qwen2_5Vl),
+            "Qwen3VLForConditionalGeneration" => Some(Self::Qwen3Vl),
             _ => None,
         }
     }
@@ -63,6 +71,8 @@ pub struct CheckpointConfig {
 pub enum FamilyConfig {
     /// InternVL and NVLM-D.
     InternVl(InternVlCheckpoint),
+    /// Qwen2.5-VL and Qwen3-VL.
+    QwenVl(QwenVlCheckpoint),
 }
 
 impl CheckpointConfig {
@@ -89,6 +99,10 @@ impl CheckpointConfig {
                 let (checkpoint, dtype) = InternVlCheckpoint::parse(architecture, text, path)?;
                 (FamilyConfig::InternVl(checkpoint), dtype)
             }
+            Architecture::Qwen2_5Vl | Architecture::Qwen3Vl => {
+                let (checkpoint, dtype) = QwenVlCheckpoint::parse(architecture, text, path)?;
+                (FamilyConfig::QwenVl(checkpoint), dtype)
+            }
         };
         Ok(Self { architecture, family, dtype })
     }
@@ -97,6 +111,7 @@ impl CheckpointConfig {
     pub fn internvl(&self) -> Option<&InternVlCheckpoint> {
         match &self.family {
             FamilyConfig::InternVl(checkpoint) => Some(checkpoint),
+            FamilyConfig::QwenVl(_) => None,
         }
     }
 
@@ -104,6 +119,7 @@ impl CheckpointConfig {
     pub fn text(&self) -> &TextConfig {
         match &self.family {
             FamilyConfig::InternVl(checkpoint) => &checkpoint.model.text,
+            FamilyConfig::QwenVl(checkpoint) => &checkpoint.model.text,
         }
     }
 }
@@ -207,6 +223,8 @@ pub(crate) struct RopeJson {
     mscale: Option<f64>,
     mscale_all_dim: Option<f64>,
     truncate: Option<bool>,
+    /// Qwen-VL: frequencies per position row (temporal, height, width).
+    mrope_section: Option<Vec<usize>>,
 }
 
 impl RopeJson {
@@ -226,7 +244,8 @@ impl RopeJson {
             Ok(factor)
         };
         Ok(match kind {
-            "default" => RopeScaling::None,
+            // Qwen2-VL's 4.x configs name multimodal RoPE a scaling type; its frequencies are plain.
+            "default" | "mrope" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: factor()? },
             "dynamic" => RopeScaling::Dynamic { factor: factor()? },
             "llama3" => {
@@ -314,6 +333,76 @@ pub enum TextArchitecture {
     /// `InternLM2ForCausalLM` (OpenGVLab's remote code): Llama computed, with its own tensor names
     /// and q/k/v fused and interleaved per key/value group.
     InternLm2,
+    /// Qwen2.5-VL's decoder (`Qwen2_5_VLTextConfig`): Qwen2 with multimodal RoPE.
+    Qwen2_5Vl,
+    /// Qwen3-VL's decoder (`Qwen3VLTextConfig`): Qwen3 (q/k RMSNorm, explicit `head_dim`) with
+    /// interleaved multimodal RoPE.
+    Qwen3Vl,
+}
+
+/// The defaults of a decoder's Python config class, for fields a file leaves out.
+struct TextDefaults {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    max_position_embeddings: usize,
+    rope_theta: f64,
+    mrope_section: [usize; 3],
+}
+
+impl TextArchitecture {
+    fn defaults(self) -> TextDefaults {
+        let llama = TextDefaults {
+            vocab_size: 32_000,
+            hidden_size: 4096,
+            intermediate_size: 11_008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 2048,
+            rope_theta: 10_000.0,
+            mrope_section: [0; 3],
+        };
+        match self {
+            TextArchitecture::Llama => llama,
+            TextArchitecture::Qwen2 => TextDefaults {
+                vocab_size: 151_936,
+                intermediate_size: 22_016,
+                max_position_embeddings: 32_768,
+                ..llama
+            },
+            TextArchitecture::InternLm2 => TextDefaults { vocab_size: 103_168, ..llama },
+            TextArchitecture::Qwen2_5Vl => TextDefaults {
+                vocab_size: 152_064,
+                hidden_size: 8192,
+                intermediate_size: 29_568,
+                num_hidden_layers: 80,
+                num_attention_heads: 64,
+                num_key_value_heads: Some(8),
+                rms_norm_eps: 1e-5,
+                max_position_embeddings: 32_768,
+                rope_theta: 1_000_000.0,
+                mrope_section: [16, 24, 24],
+                ..llama
+            },
+            TextArchitecture::Qwen3Vl => TextDefaults {
+                vocab_size: 151_936,
+                intermediate_size: 22_016,
+                head_dim: Some(128),
+                max_position_embeddings: 128_000,
+                rope_theta: 500_000.0,
+                mrope_section: [24, 20, 20],
+                ..llama
+            },
+        }
+    }
 }
 
 impl TextJson {
@@ -342,48 +431,64 @@ impl TextJson {
         }
     }
 
-    /// Converts with the defaults of transformers' Qwen2Config / LlamaConfig (and OpenGVLab's
-    /// InternLM2Config).
+    /// Converts with the defaults of the architecture's Python config class.
     pub(crate) fn convert(&self, arch: TextArchitecture, default_tie: bool, path: &Path) -> Result<TextConfig> {
-        let max_position_embeddings = self.max_position_embeddings.unwrap_or(match arch {
-            TextArchitecture::Qwen2 => 32_768,
-            TextArchitecture::Llama | TextArchitecture::InternLm2 => 2_048,
-        });
+        let defaults = arch.defaults();
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(defaults.max_position_embeddings);
         // transformers 5 keeps the scaling in rope_parameters; 4.x in rope_scaling.
         let rope = self.rope_parameters.as_ref().filter(|p| p.rope_type.is_some()).or(self.rope_scaling.as_ref());
         let rope_scaling = rope.map_or(Ok(RopeScaling::None), |rope| rope.scaling(max_position_embeddings, path))?;
-        let rope_theta =
-            self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0);
-        let hidden_size = self.hidden_size.unwrap_or(4096);
-        let heads = self.num_attention_heads.unwrap_or(32);
+        let rope_theta = [&self.rope_parameters, &self.rope_scaling]
+            .into_iter()
+            .find_map(|rope| rope.as_ref().and_then(|p| p.rope_theta))
+            .or(self.rope_theta)
+            .unwrap_or(defaults.rope_theta);
+        let hidden_size = self.hidden_size.unwrap_or(defaults.hidden_size);
+        let heads = self.num_attention_heads.unwrap_or(defaults.num_attention_heads);
         if heads == 0 {
             return Err(Error::config(path, "num_attention_heads is 0"));
         }
+        let head_dim = self.head_dim.or(defaults.head_dim).unwrap_or(hidden_size / heads);
         let attention_bias = self.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
-            TextArchitecture::Qwen2 => (true, false),
-            TextArchitecture::Llama => (attention_bias, attention_bias),
+            TextArchitecture::Qwen2 | TextArchitecture::Qwen2_5Vl => (true, false),
+            TextArchitecture::Llama | TextArchitecture::Qwen3Vl => (attention_bias, attention_bias),
             // InternLM2Config's `bias` (default true) is on both wqkv and wo.
             TextArchitecture::InternLm2 => (self.bias.unwrap_or(true), self.bias.unwrap_or(true)),
         };
+        let mrope = match arch {
+            TextArchitecture::Qwen2_5Vl | TextArchitecture::Qwen3Vl => {
+                let section = [&self.rope_parameters, &self.rope_scaling]
+                    .into_iter()
+                    .find_map(|rope| rope.as_ref().and_then(|p| p.mrope_section.clone()))
+                    .unwrap_or_else(|| defaults.mrope_section.to_vec());
+                let section: [usize; 3] = section.try_into().map_err(|section: Vec<usize>| {
+                    Error::config(path, format!("mrope_section {section:?} must have three entries"))
+                })?;
+                if section.iter().sum::<usize>() * 2 != head_dim {
+                    return Err(Error::config(
+                        path,
+                        format!("mrope_section {section:?} does not cover head_dim {head_dim} / 2 frequencies"),
+                    ));
+                }
+                // transformers ignores `mrope_interleaved`: Qwen3-VL always interleaves, Qwen2.5-VL never.
+                Some(MultimodalRope { section, interleaved: arch == TextArchitecture::Qwen3Vl })
+            }
+            _ => None,
+        };
         Ok(TextConfig {
-            vocab_size: self.vocab_size.unwrap_or(match arch {
-                TextArchitecture::Qwen2 => 151_936,
-                TextArchitecture::Llama => 32_000,
-                TextArchitecture::InternLm2 => 103_168,
-            }),
+            vocab_size: self.vocab_size.unwrap_or(defaults.vocab_size),
             hidden_size,
-            intermediate_size: self.intermediate_size.unwrap_or(match arch {
-                TextArchitecture::Qwen2 => 22_016,
-                TextArchitecture::Llama | TextArchitecture::InternLm2 => 11_008,
-            }),
-            num_hidden_layers: self.num_hidden_layers.unwrap_or(32),
+            intermediate_size: self.intermediate_size.unwrap_or(defaults.intermediate_size),
+            num_hidden_layers: self.num_hidden_layers.unwrap_or(defaults.num_hidden_layers),
             num_attention_heads: heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
-            head_dim: self.head_dim.unwrap_or(hidden_size / heads),
-            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            num_key_value_heads: self.num_key_value_heads.or(defaults.num_key_value_heads).unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(defaults.rms_norm_eps),
             rope_theta,
             rope_scaling,
+            mrope,
+            qk_norm: arch == TextArchitecture::Qwen3Vl,
             max_position_embeddings,
             qkv_bias,
             o_bias,

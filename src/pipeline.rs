@@ -83,7 +83,12 @@ impl Vlm {
 
     /// Processes a conversation as `generate` would.
     pub fn encode(&self, messages: &[Message], config: &GenerationConfig) -> Result<Encoding> {
-        let options = ProcessOptions { max_tiles: config.max_tiles, ..ProcessOptions::default() };
+        let options = ProcessOptions {
+            max_tiles: config.max_tiles,
+            min_pixels: config.min_pixels,
+            max_pixels: config.max_pixels,
+            ..ProcessOptions::default()
+        };
         self.processor.encode(messages, &options)
     }
 

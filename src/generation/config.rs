@@ -34,8 +34,14 @@ pub struct GenerationConfig {
     pub stop: Vec<String>,
     /// Replaces the checkpoint's end-of-sequence tokens.
     pub eos_token_ids: Option<Vec<u32>>,
-    /// Most tiles per image (bounds memory and compute); the checkpoint's setting otherwise.
+    /// Most tiles per image (InternVL; bounds memory and compute); the checkpoint's setting
+    /// otherwise.
     pub max_tiles: Option<usize>,
+    /// Fewest pixels an image is resized to (Qwen-VL); the checkpoint's setting otherwise.
+    pub min_pixels: Option<u64>,
+    /// Most pixels an image is resized to (Qwen-VL; bounds memory and compute); the checkpoint's
+    /// setting otherwise.
+    pub max_pixels: Option<u64>,
 }
 
 impl GenerationConfig {
@@ -93,6 +99,18 @@ impl GenerationConfig {
         self
     }
 
+    /// Sets [`min_pixels`](Self::min_pixels).
+    pub fn min_pixels(mut self, pixels: u64) -> Self {
+        self.min_pixels = Some(pixels);
+        self
+    }
+
+    /// Sets [`max_pixels`](Self::max_pixels).
+    pub fn max_pixels(mut self, pixels: u64) -> Self {
+        self.max_pixels = Some(pixels);
+        self
+    }
+
     /// Checks the values a caller may have got wrong.
     pub fn validate(&self) -> Result<()> {
         let invalid = |message: String| Err(Error::Input(message));
@@ -107,6 +125,9 @@ impl GenerationConfig {
         }
         if self.max_tiles == Some(0) {
             return invalid("max_tiles must be at least 1".into());
+        }
+        if self.min_pixels == Some(0) || self.max_pixels == Some(0) {
+            return invalid("min_pixels and max_pixels must be at least 1".into());
         }
         if self.stop.iter().any(String::is_empty) {
             return invalid("stop strings must not be empty".into());

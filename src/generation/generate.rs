@@ -181,7 +181,7 @@ impl<'a> Generator<'a> {
             .map(|(p, &pad_len)| std::iter::repeat_n(pad, pad_len).chain(p.input_ids.iter().copied()).collect())
             .collect();
         let device = model.device();
-        let pixels = Pixels::cat(prompts.iter().filter_map(|p| p.pixels(&device)).collect());
+        let pixels = Pixels::cat(prompts.iter().filter_map(|p| p.pixels(&device)).collect())?;
         let mut cache = model.new_cache(prompts.len(), capacity).with_left_padding(padding)?;
 
         let prefill_start = Instant::now();

@@ -32,9 +32,17 @@ pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
             let layers = model.vision.num_hidden_layers as u128 + model.text.num_hidden_layers as u128;
             check_size(model.min_parameters(), layers, &files, &config_path)?;
             let text = model.text.clone();
-            let sources = |canonical: &str| layout::sources(checkpoint.layout, canonical, &text);
+            let sources = |canonical: &str| layout::internvl::sources(checkpoint.layout, canonical, &text);
             let tied = if text.tie_word_embeddings { INTERNVL_STORED_LM_HEADS } else { &[] };
             Model::InternVl(fill(model.init(device), &files, &sources, tied, device)?)
+        }
+        FamilyConfig::QwenVl(checkpoint) => {
+            let model = &checkpoint.model;
+            let layers = model.vision.depth as u128 + model.text.num_hidden_layers as u128;
+            check_size(model.min_parameters(), layers, &files, &config_path)?;
+            let sources = |canonical: &str| layout::qwen_vl::sources(model.variant, canonical);
+            let tied: &[&str] = if model.text.tie_word_embeddings { &["lm_head.weight"] } else { &[] };
+            Model::QwenVl(fill(model.init(device), &files, &sources, tied, device)?)
         }
     };
     Ok((config, model))
@@ -45,6 +53,11 @@ pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, I
     let (config, model) = load(dir, device)?;
     match model {
         Model::InternVl(model) => Ok((config, model)),
+        Model::QwenVl(_) => Err(Error::UnsupportedArchitecture {
+            path: dir.join("config.json"),
+            architectures: vec![format!("{:?}", config.architecture)],
+            supported: "InternVL-family architectures (use loader::load for any family)".into(),
+        }),
     }
 }
 

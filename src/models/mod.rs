@@ -4,28 +4,70 @@
 //! lives in its folder.
 
 pub mod internvl;
+pub mod qwen_vl;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 pub use internvl::{InternVlConfig, InternVlModel, InternVlVariant};
+pub use qwen_vl::{QwenVlConfig, QwenVlModel, QwenVlVariant};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::KvCache;
 use crate::text::TextConfig;
+use crate::vision::qwen_grid::VisualGrid;
 
 /// Pixels for one forward pass, laid out as the family's vision tower takes them.
 #[derive(Debug, Clone)]
 pub enum Pixels {
     /// Normalised tiles `[tiles, 3, size, size]` of every image, in prompt order (InternVL).
     Tiles(Tensor<4>),
+    /// Flattened patches `[patches, channels * temporal * patch^2]` of every image and video, in
+    /// prompt order, each in merge-block order (Qwen-VL).
+    Patches {
+        /// The patches.
+        values: Tensor<2>,
+        /// The grid of each image or video, in the same order.
+        visuals: Vec<PatchGrid>,
+    },
+}
+
+/// The patch grid of one image or video of a Qwen-VL prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PatchGrid {
+    /// `t x h x w` patches.
+    pub grid: VisualGrid,
+    /// For a video, the seconds one temporal patch spans (temporal patch size / sampled fps).
+    pub video_seconds_per_patch: Option<f64>,
 }
 
 impl Pixels {
     /// Joins the pixels of several prompts of one batch, in row order.
-    pub fn cat(parts: Vec<Pixels>) -> Option<Pixels> {
-        let tiles: Vec<Tensor<4>> = parts.into_iter().map(|Pixels::Tiles(tiles)| tiles).collect();
-        (!tiles.is_empty()).then(|| Pixels::Tiles(Tensor::cat(tiles, 0)))
+    pub fn cat(parts: Vec<Pixels>) -> Result<Option<Pixels>> {
+        let Some(first) = parts.first() else { return Ok(None) };
+        match first {
+            Pixels::Tiles(_) => {
+                let tiles = parts.into_iter().map(|part| match part {
+                    Pixels::Tiles(tiles) => Ok(tiles),
+                    Pixels::Patches { .. } => Err(Error::Input("tiles and patches in one batch".into())),
+                });
+                Ok(Some(Pixels::Tiles(Tensor::cat(tiles.collect::<Result<_>>()?, 0))))
+            }
+            Pixels::Patches { .. } => {
+                let mut values = Vec::with_capacity(parts.len());
+                let mut visuals = Vec::new();
+                for part in parts {
+                    match part {
+                        Pixels::Patches { values: v, visuals: g } => {
+                            values.push(v);
+                            visuals.extend(g);
+                        }
+                        Pixels::Tiles(_) => return Err(Error::Input("tiles and patches in one batch".into())),
+                    }
+                }
+                Ok(Some(Pixels::Patches { values: Tensor::cat(values, 0), visuals }))
+            }
+        }
     }
 }
 
@@ -45,6 +87,8 @@ pub struct ModelInputs {
 pub enum Model {
     /// InternVL 2 / 2.5 / 3 and NVLM-D.
     InternVl(InternVlModel),
+    /// Qwen2.5-VL and Qwen3-VL (NVIDIA's Cosmos-Reason1 and Cosmos-Reason2).
+    QwenVl(QwenVlModel),
 }
 
 impl Model {
@@ -56,6 +100,7 @@ impl Model {
     pub fn hidden_states(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor<3>> {
         match self {
             Model::InternVl(model) => model.forward_embeds(model.embed_inputs(inputs)?, cache),
+            Model::QwenVl(model) => model.hidden_states(inputs, cache),
         }
     }
 
@@ -67,6 +112,7 @@ impl Model {
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match self {
             Model::InternVl(model) => model.logits(hidden),
+            Model::QwenVl(model) => model.logits(hidden),
         }
     }
 
@@ -88,6 +134,7 @@ impl Model {
     pub fn text_config(&self) -> &TextConfig {
         match self {
             Model::InternVl(model) => &model.config().text,
+            Model::QwenVl(model) => &model.config().text,
         }
     }
 
@@ -95,6 +142,7 @@ impl Model {
     pub fn image_token_ids(&self) -> Vec<u32> {
         match self {
             Model::InternVl(model) => model.config().image_token_id.into_iter().collect(),
+            Model::QwenVl(model) => vec![model.config().image_token_id, model.config().video_token_id],
         }
     }
 
@@ -102,6 +150,7 @@ impl Model {
     pub fn device(&self) -> Device {
         match self {
             Model::InternVl(model) => model.language_model.device(),
+            Model::QwenVl(model) => model.language_model.device(),
         }
     }
 
@@ -109,6 +158,53 @@ impl Model {
     pub fn as_internvl(&self) -> Option<&InternVlModel> {
         match self {
             Model::InternVl(model) => Some(model),
+            _ => None,
         }
     }
+
+    /// The Qwen-VL model, if this is one.
+    pub fn as_qwen_vl(&self) -> Option<&QwenVlModel> {
+        match self {
+            Model::QwenVl(model) => Some(model),
+            _ => None,
+        }
+    }
+}
+
+/// Writes image features over the embeddings of the image tokens at `positions` (flat,
+/// row-major over batch and sequence; transformers' `masked_scatter`), after checking that there
+/// is one feature per token and that the features are finite (one boolean read back per prompt:
+/// NaN weights or pixels would otherwise surface only as garbage tokens). `stage` names the
+/// features in the error.
+///
+/// # Shapes
+/// - embeds: `[batch, seq_len, hidden]`, features: `[positions.len(), hidden]`
+pub(crate) fn scatter_features(
+    embeds: Tensor<3>,
+    features: Tensor<2>,
+    positions: &[usize],
+    stage: &'static str,
+) -> Result<Tensor<3>> {
+    let [count, _] = features.dims();
+    if positions.len() != count {
+        return Err(Error::InputMismatch { image_tokens: positions.len(), image_features: count });
+    }
+    if !features.clone().is_finite().all().into_scalar::<bool>() {
+        return Err(Error::NonFinite { stage });
+    }
+    let [batch, seq_len, hidden] = embeds.dims();
+    let n = batch * seq_len;
+    let device = embeds.device();
+    // For each row, the feature that replaces it (0 where none does, masked off below).
+    let mut source = vec![0i64; n];
+    let mut replaced = vec![false; n];
+    for (feature, &row) in positions.iter().enumerate() {
+        source[row] = feature as i64;
+        replaced[row] = true;
+    }
+    let source = Tensor::<1, Int>::from_data(TensorData::new(source, [n]), &device);
+    let replaced = Tensor::<2, Bool>::from_data(TensorData::new(replaced, [n, 1]), &device).expand([n, hidden]);
+    let gathered = features.cast(embeds.dtype()).select(0, source);
+    let rows = embeds.reshape([n, hidden]).mask_where(replaced, gathered);
+    Ok(rows.reshape([batch, seq_len, hidden]))
 }

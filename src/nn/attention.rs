@@ -2,7 +2,7 @@
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 /// A boolean mask where `true` hides a key from a query, `[batch, 1, q_len, k_len]` (broadcast over
 /// heads). `None` means every query sees every key.
@@ -45,4 +45,80 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
     x.unsqueeze_dim::<5>(2) // [batch, kv_heads, 1, len, head_dim]
         .expand([batch, kv_heads, n_rep, len, head_dim])
         .reshape([batch, kv_heads * n_rep, len, head_dim])
+}
+
+/// Attention of each segment of consecutive rows to itself alone (block-diagonal, as
+/// transformers' `cu_seqlens` splits vision attention into frames and windows). Segments of one
+/// length run as one batch; others are padded to the longest with hidden padding keys.
+///
+/// # Shapes
+/// - q, k, v: `[rows, heads, head_dim]`, `rows` the sum of `segments`
+/// - output: `[rows, heads, head_dim]`
+pub fn segment_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, segments: &[usize], scale: f64) -> Tensor<3> {
+    let [rows, heads, head_dim] = q.dims();
+    let longest = segments.iter().copied().max().unwrap_or(0);
+    let count = segments.len();
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+    if segments.iter().all(|&len| len == longest) {
+        // [rows, heads, head_dim] -> [segments, heads, len, head_dim]
+        let batch = |t: Tensor<3>| t.reshape([count, longest, heads, head_dim]).swap_dims(1, 2);
+        let out = attention(batch(q), batch(k), batch(v), None, None, options);
+        return out.swap_dims(1, 2).reshape([rows, heads, head_dim]);
+    }
+    let device = q.device();
+    // Slot (segment, i) reads row start + i, or the zero row appended at `rows` when padding.
+    let mut gather = Vec::with_capacity(count * longest);
+    let mut valid = Vec::with_capacity(rows);
+    let mut hidden = Vec::with_capacity(count * longest * longest);
+    let mut start = 0;
+    for (segment, &len) in segments.iter().enumerate() {
+        for i in 0..longest {
+            gather.push(if i < len { (start + i) as i64 } else { rows as i64 });
+        }
+        valid.extend((0..len).map(|i| (segment * longest + i) as i64));
+        for _query in 0..longest {
+            hidden.extend((0..longest).map(|key| key >= len));
+        }
+        start += len;
+    }
+    let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [count * longest]), &device);
+    let valid = Tensor::<1, Int>::from_data(TensorData::new(valid, [rows]), &device);
+    let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [count, 1, longest, longest]), &device)
+        .expand([count, heads, longest, longest]);
+    let padded = |t: Tensor<3>| {
+        let zero = Tensor::zeros([1, heads, head_dim], (&device, t.dtype()));
+        // [rows + 1, heads, head_dim] -> [segments, heads, longest, head_dim]
+        Tensor::cat(vec![t, zero], 0)
+            .select(0, gather.clone())
+            .reshape([count, longest, heads, head_dim])
+            .swap_dims(1, 2)
+    };
+    let out = attention(padded(q), padded(k), padded(v), Some(mask), None, options);
+    // [segments, heads, longest, head_dim] -> [rows, heads, head_dim]
+    out.swap_dims(1, 2).reshape([count * longest, heads, head_dim]).select(0, valid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_attend_only_within_themselves() {
+        let device = crate::device::cpu();
+        let rows = 7;
+        let values: Vec<f32> = (0..rows * 2 * 4).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let x = Tensor::<1>::from_floats(values.as_slice(), &device).reshape([rows, 2, 4]);
+        let segments = [3, 4];
+        let together = segment_attention(x.clone(), x.clone(), x.clone(), &segments, 0.5);
+        // Each segment alone, as a batch of one.
+        let mut start = 0;
+        for &len in &segments {
+            let part = x.clone().narrow(0, start, len);
+            let alone = segment_attention(part.clone(), part.clone(), part, &[len], 0.5);
+            let got = together.clone().narrow(0, start, len).into_data().try_to_vec::<f32>().unwrap();
+            let want = alone.into_data().try_to_vec::<f32>().unwrap();
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?} vs {want:?}");
+            start += len;
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //!
 //! All rows of a batch share one write position; shorter prompts are left-padded. The cache knows
 //! each row's padding, so it derives each token's rotary position (padding does not count) and hides
-//! padding keys from every query.
+//! padding keys from every query. Models whose prompt positions run ahead of the token count
+//! (Qwen-VL's multimodal RoPE: an image is one step per row, not one per token) record each row's
+//! offset, so decoding continues at the right position.
 
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
@@ -14,6 +16,8 @@ use crate::error::{Error, Result};
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
     left_padding: Vec<usize>,
+    /// Added to each row's token count to give its position (the "rope delta").
+    position_offsets: Vec<i64>,
     capacity: usize,
     len: usize,
     kv_heads: usize,
@@ -27,6 +31,7 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             left_padding: vec![0; batch],
+            position_offsets: vec![0; batch],
             capacity,
             len: 0,
             kv_heads,
@@ -79,6 +84,21 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
         self.left_padding.fill(0);
+        self.position_offsets.fill(0);
+    }
+
+    /// Sets how far each row's positions run ahead of its token count (`max position + 1 -
+    /// tokens` after a Qwen-VL prompt), so later tokens continue from the prompt's last position.
+    pub fn set_position_offsets(&mut self, offsets: Vec<i64>) -> Result<()> {
+        if offsets.len() != self.batch_size() {
+            return Err(Error::Input(format!(
+                "{} position offsets for a batch of {}",
+                offsets.len(),
+                self.batch_size()
+            )));
+        }
+        self.position_offsets = offsets;
+        Ok(())
     }
 
     /// Declares each row's padding on an empty cache (as [`with_left_padding`](Self::with_left_padding)).
@@ -108,6 +128,7 @@ impl KvCache {
             return Ok(());
         }
         self.left_padding = rows.iter().map(|&row| self.left_padding[row]).collect();
+        self.position_offsets = rows.iter().map(|&row| self.position_offsets[row]).collect();
         for layer in self.layers.iter_mut().flatten() {
             let device = layer.0.device();
             let indices: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
@@ -132,12 +153,17 @@ impl KvCache {
         Ok(())
     }
 
-    /// Rotary positions of the next `seq_len` tokens of each row: padding does not count, and
-    /// padding tokens themselves sit at position 0.
+    /// Rotary positions of the next `seq_len` tokens of each row: padding does not count (padding
+    /// tokens themselves sit at position 0), and each row's position offset is added.
     pub fn positions(&self, seq_len: usize) -> Vec<Vec<usize>> {
         self.left_padding
             .iter()
-            .map(|&pad| (self.len..self.len + seq_len).map(|slot| slot.saturating_sub(pad)).collect())
+            .zip(&self.position_offsets)
+            .map(|(&pad, &offset)| {
+                (self.len..self.len + seq_len)
+                    .map(|slot| if slot < pad { 0 } else { ((slot - pad) as i64 + offset).max(0) as usize })
+                    .collect()
+            })
             .collect()
     }
 

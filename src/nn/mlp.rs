@@ -16,6 +16,10 @@ pub enum Activation {
     Silu,
     /// The exact, erf-based GELU (`"gelu"`).
     Gelu,
+    /// GELU's tanh approximation (`"gelu_pytorch_tanh"`, also `"gelu_new"`):
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+    #[serde(alias = "gelu_new")]
+    GeluPytorchTanh,
 }
 
 impl Activation {
@@ -24,6 +28,10 @@ impl Activation {
         match self {
             Activation::Silu => silu(x),
             Activation::Gelu => gelu(x),
+            Activation::GeluPytorchTanh => {
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+                x * (inner.tanh() + 1.0) * 0.5
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 
-pub use attention::{AttentionMask, scaled_dot_product_attention};
+pub use attention::{AttentionMask, scaled_dot_product_attention, segment_attention};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearConfig};
 pub use mlp::{Activation, GatedMlp, GatedMlpConfig};

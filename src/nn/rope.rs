@@ -62,6 +62,40 @@ pub fn yarn_attention_factor(factor: f64, mscale: Option<f64>, mscale_all_dim: O
     }
 }
 
+/// Which of the three position rows (temporal, height, width) each rotary frequency takes in
+/// Qwen-VL's multimodal RoPE (transformers' `mrope_section`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultimodalRope {
+    /// Frequencies per row (summing to `head_dim / 2`).
+    pub section: [usize; 3],
+    /// Qwen3-VL: rows alternate t, h, w over the first `3 * section` frequencies; Qwen2.5-VL:
+    /// contiguous blocks of `section[0]`, `section[1]`, `section[2]` frequencies.
+    pub interleaved: bool,
+}
+
+impl MultimodalRope {
+    /// Every frequency reads the temporal row: for text, whose three rows are equal, plain RoPE.
+    pub const TEXT: Self = Self { section: [usize::MAX, 0, 0], interleaved: false };
+
+    /// The row (0 temporal, 1 height, 2 width) frequency `j` takes.
+    pub fn row(&self, j: usize) -> usize {
+        let [t, h, w] = self.section;
+        if self.interleaved {
+            match j % 3 {
+                1 if j < 3 * h => 1,
+                2 if j < 3 * w => 2,
+                _ => 0,
+            }
+        } else if j < t {
+            0
+        } else if j < t.saturating_add(h) {
+            1
+        } else {
+            2
+        }
+    }
+}
+
 /// Rotary embedding for one head size, base frequency (`rope_theta`) and scaling.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
@@ -148,16 +182,31 @@ impl RotaryEmbedding {
 
     /// Cosine and sine tables for the given positions: `batch` rows of `seq_len` positions each.
     pub fn tables(&self, positions: &[Vec<usize>], device: &Device) -> RopeTables {
+        let positions: Vec<Vec<[usize; 3]>> =
+            positions.iter().map(|row| row.iter().map(|&p| [p, p, p]).collect()).collect();
+        self.multimodal_tables(&positions, MultimodalRope::TEXT, device)
+    }
+
+    /// Cosine and sine tables for three position rows per token (temporal, height, width), each
+    /// frequency taking the row `layout` assigns it (Qwen-VL's multimodal RoPE). Text tokens have
+    /// three equal rows, which is plain RoPE.
+    pub fn multimodal_tables(
+        &self,
+        positions: &[Vec<[usize; 3]>],
+        layout: MultimodalRope,
+        device: &Device,
+    ) -> RopeTables {
         let batch = positions.len();
         let seq_len = positions.first().map_or(0, Vec::len);
-        let inv_freq = self.inv_freq(positions.iter().flatten().copied().max().unwrap_or(0));
+        let largest = positions.iter().flatten().flat_map(|rows| rows.iter().copied()).max().unwrap_or(0);
+        let inv_freq = self.inv_freq(largest);
         let mut cos = Vec::with_capacity(batch * seq_len * self.head_dim);
         let mut sin = Vec::with_capacity(batch * seq_len * self.head_dim);
         for row in positions {
-            for &position in row {
+            for rows in row {
                 for _half in 0..2 {
-                    for &freq in &inv_freq {
-                        let angle = position as f32 * freq;
+                    for (j, &freq) in inv_freq.iter().enumerate() {
+                        let angle = rows[layout.row(j)] as f32 * freq;
                         cos.push(angle.cos() * self.attention_scaling);
                         sin.push(angle.sin() * self.attention_scaling);
                     }
@@ -170,6 +219,22 @@ impl RotaryEmbedding {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multimodal_rope_rows_follow_transformers_layouts() {
+        let rows = |layout: MultimodalRope, n: usize| (0..n).map(|j| layout.row(j)).collect::<Vec<_>>();
+        // Qwen2.5-VL: contiguous sections.
+        assert_eq!(rows(MultimodalRope { section: [2, 3, 3], interleaved: false }, 8), [0, 0, 1, 1, 1, 2, 2, 2]);
+        // Qwen3-VL: t, h, w interleaved over 3 x 5 frequencies, then t.
+        let interleaved = rows(MultimodalRope { section: [6, 5, 5], interleaved: true }, 16);
+        assert_eq!(interleaved, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0]);
+        assert!(rows(MultimodalRope::TEXT, 8).iter().all(|&row| row == 0));
     }
 }
 
@@ -201,10 +266,10 @@ impl RopeTables {
 }
 
 /// `cat(-x[..., d/2:], x[..., :d/2])` over the last dimension.
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
-    let [_, _, _, head_dim] = x.dims();
+pub(crate) fn rotate_half<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let head_dim = x.dims()[D - 1];
     let half = head_dim / 2;
-    let first = x.clone().narrow(3, 0, half);
-    let second = x.narrow(3, half, half);
-    Tensor::cat(vec![second.neg(), first], 3)
+    let first = x.clone().narrow(D - 1, 0, half);
+    let second = x.narrow(D - 1, half, half);
+    Tensor::cat(vec![second.neg(), first], D - 1)
 }

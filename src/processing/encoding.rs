@@ -4,7 +4,8 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::tiling::Grid;
-use crate::models::{ModelInputs, Pixels};
+use crate::models::{ModelInputs, PatchGrid, Pixels};
+use crate::vision::qwen_grid::VisualGrid;
 
 /// How one image of a prompt was cut up for the vision tower.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,6 +21,17 @@ pub enum Visual {
         /// Image tokens it fills in the prompt.
         tokens: usize,
     },
+    /// Qwen-VL: `t x h x w` patches (`t` temporal patches of a video; 1 for an image).
+    Patches {
+        /// The patch grid.
+        grid: VisualGrid,
+        /// Values per flattened patch (`3 x temporal x patch x patch`).
+        patch_values: usize,
+        /// Image (or video) tokens it fills in the prompt.
+        tokens: usize,
+        /// For a video, the seconds one temporal patch spans.
+        video_seconds_per_patch: Option<f64>,
+    },
 }
 
 impl Visual {
@@ -27,13 +39,14 @@ impl Visual {
     pub fn values(&self) -> usize {
         match *self {
             Visual::Tiles { tiles, size, .. } => tiles * 3 * size * size,
+            Visual::Patches { grid, patch_values, .. } => grid.patches() * patch_values,
         }
     }
 
     /// Image tokens it fills in the prompt.
     pub fn tokens(&self) -> usize {
         match *self {
-            Visual::Tiles { tokens, .. } => tokens,
+            Visual::Tiles { tokens, .. } | Visual::Patches { tokens, .. } => tokens,
         }
     }
 }
@@ -44,7 +57,8 @@ pub struct Encoding {
     /// Token ids, image tokens included.
     pub input_ids: Vec<u32>,
     /// The pixel values of every image, in prompt order, as [`visuals`](Self::visuals) lays
-    /// them out (InternVL: `[tiles, 3, size, size]`, normalised).
+    /// them out (InternVL: `[tiles, 3, size, size]`; Qwen-VL: `[patches, 3 x temporal x patch^2]`;
+    /// normalised).
     pub pixel_values: Vec<f32>,
     /// How each image was cut up, in prompt order.
     pub visuals: Vec<Visual>,
@@ -66,6 +80,21 @@ impl Encoding {
                 let tiles = self.visuals.iter().map(|visual| visual.values()).sum::<usize>() / (3 * size * size);
                 let data = TensorData::new(self.pixel_values.clone(), [tiles, 3, size, size]);
                 Some(Pixels::Tiles(Tensor::from_data(data, device)))
+            }
+            Visual::Patches { patch_values, .. } => {
+                let patches = self.pixel_values.len() / patch_values;
+                let data = TensorData::new(self.pixel_values.clone(), [patches, patch_values]);
+                let visuals = self
+                    .visuals
+                    .iter()
+                    .filter_map(|visual| match *visual {
+                        Visual::Patches { grid, video_seconds_per_patch, .. } => {
+                            Some(PatchGrid { grid, video_seconds_per_patch })
+                        }
+                        Visual::Tiles { .. } => None,
+                    })
+                    .collect();
+                Some(Pixels::Patches { values: Tensor::from_data(data, device), visuals })
             }
         }
     }

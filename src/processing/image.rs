@@ -235,6 +235,35 @@ impl Normalization {
     pub const IMAGENET: Self =
         Self { rescale_factor: 1.0 / 255.0, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
 
+    /// OpenAI CLIP's statistics (Qwen2-VL and Qwen2.5-VL), as transformers writes them.
+    #[allow(clippy::excessive_precision)]
+    pub const OPENAI_CLIP: Self = Self {
+        rescale_factor: 1.0 / 255.0,
+        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+    };
+
+    /// Why these values would turn pixels into NaN or infinity, if they would.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.std.iter().any(|s| !s.is_finite() || *s == 0.0) {
+            return Err(format!("image_std {:?} must be finite and non-zero", self.std));
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(format!("image_mean {:?} must be finite", self.mean));
+        }
+        if !(self.rescale_factor.is_finite() && self.rescale_factor > 0.0) {
+            return Err(format!("rescale_factor {} must be a finite number > 0", self.rescale_factor));
+        }
+        Ok(())
+    }
+
+    /// The image as channel-first floats, `[3, height, width]`.
+    pub fn planes(&self, image: &RgbImage) -> Vec<f32> {
+        let mut out = Vec::with_capacity(3 * image.width() as usize * image.height() as usize);
+        self.extend_chw(image, &mut out);
+        out
+    }
+
     /// Appends the tile as channel-first floats: `(level * rescale - mean) / std`.
     pub fn extend_chw(&self, tile: &RgbImage, out: &mut Vec<f32>) {
         for channel in 0..3 {

@@ -100,14 +100,8 @@ impl InternVlImages {
             }
         };
         let fail = |message: String| Err(Error::config(dir.join("preprocessor_config.json"), message));
-        if normalization.std.iter().any(|s| !s.is_finite() || *s == 0.0) {
-            return fail(format!("image_std {:?} must be finite and non-zero", normalization.std));
-        }
-        if normalization.mean.iter().any(|m| !m.is_finite()) {
-            return fail(format!("image_mean {:?} must be finite", normalization.mean));
-        }
-        if !(normalization.rescale_factor.is_finite() && normalization.rescale_factor > 0.0) {
-            return fail(format!("rescale_factor {} must be a finite number > 0", normalization.rescale_factor));
+        if let Err(message) = normalization.validate() {
+            return fail(message);
         }
         if tiling.min_tiles == 0 || tiling.min_tiles > tiling.max_tiles || tiling.max_tiles > tiling::MAX_TILES {
             return fail(format!(
@@ -174,12 +168,13 @@ impl InternVlImages {
 
     /// The rendered prompt with each image's placeholder expanded to its tokens' text.
     pub(crate) fn expand(&self, rendered: &str, visuals: &[Visual]) -> Result<String> {
-        let tiles: Vec<usize> = visuals
+        let tiles = visuals
             .iter()
             .map(|visual| match visual {
-                Visual::Tiles { tiles, .. } => *tiles,
+                Visual::Tiles { tiles, .. } => Ok(*tiles),
+                Visual::Patches { .. } => Err(Error::Input("an InternVL processor planned patches".into())),
             })
-            .collect();
+            .collect::<Result<Vec<usize>>>()?;
         self.placeholders.expand(rendered, &tiles, self.tokens_per_tile)
     }
 

@@ -10,6 +10,7 @@ pub mod image;
 pub mod internvl;
 pub mod message;
 pub mod prompt;
+pub mod qwen_vl;
 mod sentencepiece;
 pub mod tiling;
 pub mod tokenizer;
@@ -22,6 +23,7 @@ pub use self::image::{AlphaMode, Image, ImageLimits, Normalization};
 pub use self::internvl::InternVlImages;
 pub use self::message::{Content, Message, Role};
 pub use self::prompt::ImagePlaceholders;
+pub use self::qwen_vl::QwenVlImages;
 pub use self::tiling::{Grid, TilingConfig};
 pub use self::tokenizer::Tokenizer;
 use crate::config::{CheckpointConfig, FamilyConfig};
@@ -32,6 +34,8 @@ use crate::error::{Error, Result};
 pub enum ImageProcessor {
     /// InternVL and NVLM-D: dynamic tiles.
     InternVl(InternVlImages),
+    /// Qwen2.5-VL and Qwen3-VL: patches of a size-preserving resize.
+    QwenVl(QwenVlImages),
 }
 
 impl ImageProcessor {
@@ -39,13 +43,32 @@ impl ImageProcessor {
     pub fn from_dir(dir: &Path, checkpoint: &CheckpointConfig, tokenizer: &Tokenizer) -> Result<Self> {
         match &checkpoint.family {
             FamilyConfig::InternVl(internvl) => Ok(Self::InternVl(InternVlImages::from_dir(dir, internvl, tokenizer)?)),
+            FamilyConfig::QwenVl(qwen) => Ok(Self::QwenVl(QwenVlImages::from_dir(dir, qwen, tokenizer)?)),
         }
     }
 
-    /// How images appear in prompts.
-    fn placeholders(&self) -> &ImagePlaceholders {
+    /// Whether messages reach the chat template as structured parts (`[{"type": "image"}, ...]`)
+    /// rather than one string with markers.
+    fn structured_content(&self) -> bool {
         match self {
-            ImageProcessor::InternVl(images) => &images.placeholders,
+            ImageProcessor::InternVl(images) => images.placeholders.structured_content(),
+            ImageProcessor::QwenVl(_) => true,
+        }
+    }
+
+    /// The text each image's placeholder is found as in the rendered prompt.
+    fn placeholder(&self) -> &str {
+        match self {
+            ImageProcessor::InternVl(images) => images.placeholders.placeholder(),
+            ImageProcessor::QwenVl(images) => &images.image_token,
+        }
+    }
+
+    /// What the `index`-th (0-based) of `count` images writes into a string message.
+    fn marker_text(&self, index: usize, count: usize) -> String {
+        match self {
+            ImageProcessor::InternVl(images) => images.placeholders.marker_text(index, count),
+            ImageProcessor::QwenVl(images) => images.image_token.clone(),
         }
     }
 
@@ -53,6 +76,7 @@ impl ImageProcessor {
     fn plan(&self, images: &[&Image], options: &ProcessOptions) -> Result<Vec<Visual>> {
         match self {
             ImageProcessor::InternVl(internvl) => internvl.plan(images, options),
+            ImageProcessor::QwenVl(qwen) => qwen.plan(images, options),
         }
     }
 
@@ -60,6 +84,7 @@ impl ImageProcessor {
     fn expand(&self, rendered: &str, visuals: &[Visual]) -> Result<String> {
         match self {
             ImageProcessor::InternVl(internvl) => internvl.expand(rendered, visuals),
+            ImageProcessor::QwenVl(qwen) => qwen.expand(rendered, visuals),
         }
     }
 
@@ -67,6 +92,7 @@ impl ImageProcessor {
     fn image_token_ids(&self) -> Vec<u32> {
         match self {
             ImageProcessor::InternVl(internvl) => vec![internvl.image_token_id],
+            ImageProcessor::QwenVl(qwen) => vec![qwen.image_token_id],
         }
     }
 
@@ -74,6 +100,7 @@ impl ImageProcessor {
     fn pixel_values(&self, images: &[&Image], visuals: &[Visual], options: &ProcessOptions) -> Result<Vec<f32>> {
         match self {
             ImageProcessor::InternVl(internvl) => internvl.pixel_values(images, visuals, options),
+            ImageProcessor::QwenVl(qwen) => qwen.pixel_values(images, visuals),
         }
     }
 }
@@ -85,6 +112,11 @@ pub struct ProcessOptions {
     pub max_tiles: Option<usize>,
     /// Overrides the checkpoint's fewest tiles per image.
     pub min_tiles: Option<usize>,
+    /// Overrides the checkpoint's fewest pixels an image is resized to (Qwen-VL).
+    pub min_pixels: Option<u64>,
+    /// Overrides the checkpoint's most pixels an image is resized to (Qwen-VL; bounds memory and
+    /// compute).
+    pub max_pixels: Option<u64>,
     /// End the prompt with the assistant's turn opener.
     pub add_generation_prompt: bool,
     /// Move each message's images before its text, as InternVL's model cards write prompts
@@ -94,7 +126,14 @@ pub struct ProcessOptions {
 
 impl Default for ProcessOptions {
     fn default() -> Self {
-        Self { max_tiles: None, min_tiles: None, add_generation_prompt: true, images_first: false }
+        Self {
+            max_tiles: None,
+            min_tiles: None,
+            min_pixels: None,
+            max_pixels: None,
+            add_generation_prompt: true,
+            images_first: false,
+        }
     }
 }
 
@@ -157,7 +196,7 @@ impl Processor {
         let prompt = self.render_with(messages, options)?;
         // Moving images before text keeps their order among themselves, so this is prompt order.
         let images: Vec<&Image> = messages.iter().flat_map(Message::images).collect();
-        let placeholders = prompt.matches(self.images.placeholders().placeholder()).count();
+        let placeholders = prompt.matches(self.images.placeholder()).count();
         if placeholders != images.len() {
             return Err(Error::ImageCount { images: images.len(), placeholders });
         }
@@ -216,14 +255,13 @@ impl Processor {
     }
 
     fn render_with(&self, messages: &[Message], options: &ProcessOptions) -> Result<String> {
-        let placeholders = self.images.placeholders();
         let image_count = messages.iter().map(|m| m.images().count()).sum::<usize>();
         let mut image_index = 0;
         let rendered: Vec<TemplateMessage> = messages
             .iter()
             .map(|message| {
                 let parts = ordered_parts(message, options.images_first);
-                let content = if placeholders.structured_content() {
+                let content = if self.images.structured_content() {
                     let parts = parts.iter().map(|part| match part {
                         Content::Text(text) => serde_json::json!({"type": "text", "text": text}),
                         Content::Image(_) => serde_json::json!({"type": "image"}),
@@ -235,7 +273,7 @@ impl Processor {
                         match part {
                             Content::Text(part) => text.push_str(part),
                             Content::Image(_) => {
-                                text.push_str(&placeholders.marker_text(image_index, image_count));
+                                text.push_str(&self.images.marker_text(image_index, image_count));
                                 image_index += 1;
                             }
                         }

@@ -1,12 +1,15 @@
 //! A Llama-family decoder: token embeddings, pre-norm layers of grouped-query attention with
-//! rotate-half RoPE and a gated MLP, final RMSNorm. Qwen2 is the same with biases on q, k and v
-//! (transformers' `models/qwen2/modeling_qwen2.py`, `models/llama/modeling_llama.py`).
+//! rotate-half RoPE and a gated MLP, final RMSNorm. Qwen2 is the same with biases on q, k and v;
+//! Qwen3 adds an RMSNorm over each head of q and k; the Qwen-VL decoders take three position rows
+//! per token (multimodal RoPE) and Qwen3-VL adds vision features to the first layers' outputs
+//! (DeepStack) (transformers' `models/qwen2/modeling_qwen2.py`, `models/llama/modeling_llama.py`,
+//! `models/qwen3/modeling_qwen3.py`, `models/qwen3_vl/modeling_qwen3_vl.py`).
 
 use burn::module::{Initializer, Module, Param};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::nn::rope::{RopeScaling, RopeTables};
+use crate::nn::rope::{MultimodalRope, RopeScaling, RopeTables};
 use crate::nn::{
     Activation, AttentionMask, GatedMlp, GatedMlpConfig, KvCache, Linear, LinearConfig, RmsNorm, RmsNormConfig,
     RotaryEmbedding, scaled_dot_product_attention,
@@ -35,6 +38,10 @@ pub struct TextConfig {
     pub rope_theta: f64,
     /// How the rotary frequencies are scaled for long contexts.
     pub rope_scaling: RopeScaling,
+    /// Qwen-VL's multimodal RoPE: which position row each frequency takes (`None`: one row).
+    pub mrope: Option<MultimodalRope>,
+    /// Qwen3's RMSNorm over each head of q and k, before RoPE.
+    pub qk_norm: bool,
     /// Longest sequence the model was trained for.
     pub max_position_embeddings: usize,
     /// Biases on the q, k and v projections (Qwen2: yes; Llama: `attention_bias`).
@@ -63,6 +70,8 @@ impl TextConfig {
             rms_norm_eps: 1e-6,
             rope_theta: 1_000_000.0,
             rope_scaling: RopeScaling::None,
+            mrope: None,
+            qk_norm: false,
             max_position_embeddings: 512,
             qkv_bias: true,
             o_bias: false,
@@ -123,6 +132,8 @@ impl TextConfig {
                 k_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias).init(device),
                 v_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias).init(device),
                 o_proj: LinearConfig::new(self.num_attention_heads * d, h, self.o_bias).init(device),
+                q_norm: self.qk_norm.then(|| RmsNormConfig { d_model: d, eps: self.rms_norm_eps }.init(device)),
+                k_norm: self.qk_norm.then(|| RmsNormConfig { d_model: d, eps: self.rms_norm_eps }.init(device)),
                 num_heads: self.num_attention_heads,
                 num_kv_heads: self.num_key_value_heads,
                 head_dim: d,
@@ -206,13 +217,31 @@ impl TextModel {
         Ok(self.embed_tokens.forward(ids))
     }
 
-    /// Runs the decoder over new tokens, appending their keys and values to `cache`.
+    /// Runs the decoder over new tokens, appending their keys and values to `cache`; positions
+    /// follow from the cache.
     ///
     /// # Shapes
     /// - inputs_embeds: `[batch, seq_len, hidden]`
     /// - output: `[batch, seq_len, hidden]` (after the final norm)
     pub fn forward(&self, inputs_embeds: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
-        let [batch, seq_len, _] = inputs_embeds.dims();
+        self.forward_multimodal(inputs_embeds, cache, None, None)
+    }
+
+    /// [`forward`](Self::forward) with three position rows per token (`[batch][seq_len]`, for a
+    /// Qwen-VL prompt; `None` follows the cache, three equal rows) and, for Qwen3-VL's DeepStack,
+    /// vision features added to the output of the first layers at the image tokens.
+    ///
+    /// # Shapes
+    /// - inputs_embeds: `[batch, seq_len, hidden]`
+    /// - output: `[batch, seq_len, hidden]` (after the final norm)
+    pub fn forward_multimodal(
+        &self,
+        inputs_embeds: Tensor<3>,
+        cache: &mut KvCache,
+        positions: Option<&[Vec<[usize; 3]>]>,
+        deepstack: Option<&DeepStack>,
+    ) -> Result<Tensor<3>> {
+        let [batch, seq_len, width] = inputs_embeds.dims();
         if batch != cache.batch_size() {
             return Err(Error::Input(format!(
                 "a batch of {batch} sequences with a KV cache for {}",
@@ -221,7 +250,16 @@ impl TextModel {
         }
         cache.check_room(seq_len)?;
         let device = inputs_embeds.device();
-        let rope = self.rope.tables(&cache.positions(seq_len), &device);
+        let rope = match (positions, self.config.mrope) {
+            (Some(positions), Some(layout)) => {
+                if positions.len() != batch || positions.iter().any(|row| row.len() != seq_len) {
+                    return Err(Error::Input(format!("positions for a batch of {batch} x {seq_len} tokens")));
+                }
+                self.rope.multimodal_tables(positions, layout, &device)
+            }
+            (Some(_), None) => return Err(Error::Input("three position rows for a decoder without M-RoPE".into())),
+            (None, _) => self.rope.tables(&cache.positions(seq_len), &device),
+        };
         let mask = cache.mask(seq_len, &device);
         let mut hidden = inputs_embeds;
         for (index, layer) in self.layers.iter().enumerate() {
@@ -230,6 +268,12 @@ impl TextModel {
             hidden = hidden + attn;
             let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(hidden.clone()));
             hidden = hidden + mlp;
+            if let Some(deepstack) = deepstack
+                && let Some(features) = deepstack.features.get(index)
+            {
+                let rows = hidden.reshape([batch * seq_len, width]);
+                hidden = deepstack.add_to(rows, features.clone()).reshape([batch, seq_len, width]);
+            }
         }
         cache.advance(seq_len);
         Ok(self.norm.forward(hidden))
@@ -248,6 +292,30 @@ impl TextModel {
         // through a transposed view, several times slower per decode step on the CPU backend.
         let logits = table.matmul(hidden.reshape([batch * seq_len, width]).transpose()); // [vocab, batch * seq_len]
         logits.transpose().reshape([batch, seq_len, vocab])
+    }
+}
+
+/// Qwen3-VL's DeepStack: for each of the first layers, vision features added to that layer's output
+/// at the image tokens (`_deepstack_process`).
+#[derive(Debug, Clone)]
+pub struct DeepStack {
+    /// Per layer, `[visual_tokens, hidden]`, in the order of `rows`.
+    pub features: Vec<Tensor<2>>,
+    /// The flat (row-major over batch and sequence) positions of the visual tokens.
+    pub rows: Vec<usize>,
+}
+
+impl DeepStack {
+    /// `hidden[rows] += features`.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch * seq_len, width]`, features: `[rows.len(), width]`
+    fn add_to(&self, hidden: Tensor<2>, features: Tensor<2>) -> Tensor<2> {
+        let device = hidden.device();
+        let indices: Vec<i64> = self.rows.iter().map(|&row| row as i64).collect();
+        let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [self.rows.len()]), &device);
+        let dtype = hidden.dtype();
+        hidden.select_assign(0, indices, features.cast(dtype), IndexingUpdateOp::Add)
     }
 }
 
@@ -275,6 +343,10 @@ pub struct SelfAttention {
     pub v_proj: Linear,
     /// `[hidden, heads * head_dim]`
     pub o_proj: Linear,
+    /// RMSNorm over each query head (Qwen3).
+    pub q_norm: Option<RmsNorm>,
+    /// RMSNorm over each key head (Qwen3).
+    pub k_norm: Option<RmsNorm>,
     #[module(skip)]
     num_heads: usize,
     #[module(skip)]
@@ -300,10 +372,17 @@ impl SelfAttention {
         let [batch, seq_len, _] = x.dims();
         let head_dim = self.head_dim;
         // [batch, seq_len, heads * head_dim] -> [batch, heads, seq_len, head_dim]
-        let split = |t: Tensor<3>, heads: usize| t.reshape([batch, seq_len, heads, head_dim]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let split = |t: Tensor<3>, heads: usize, norm: &Option<RmsNorm>| {
+            let t = t.reshape([batch, seq_len, heads, head_dim]);
+            let t = match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            };
+            t.swap_dims(1, 2)
+        };
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads, &self.q_norm));
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads, &self.k_norm));
+        let v = split(self.v_proj.forward(x), self.num_kv_heads, &None);
         let (k, v) = cache.update(layer, k, v)?;
         let scale = (head_dim as f64).powf(-0.5);
         let out = scaled_dot_product_attention(q, k, v, mask, scale);

@@ -140,6 +140,25 @@ impl Reference {
         (view.dtype(), view.shape().to_vec(), view.data().to_vec())
     }
 
+    /// Whether the reference holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes).expect("reference file").tensor(name).is_ok()
+    }
+
+    /// An i64 tensor as (shape, values).
+    pub fn ints(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
+        let (dtype, shape, data) = self.view(name);
+        assert_eq!(dtype, Dtype::I64, "{name}");
+        (shape, data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect())
+    }
+
+    /// A u8 tensor as (shape, values).
+    pub fn bytes(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
+        let (dtype, shape, data) = self.view(name);
+        assert_eq!(dtype, Dtype::U8, "{name}");
+        (shape, data)
+    }
+
     /// An f32 tensor as (shape, values).
     pub fn floats(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let (dtype, shape, data) = self.view(name);

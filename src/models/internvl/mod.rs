@@ -3,12 +3,12 @@
 //! (transformers' `models/internvl/modeling_internvl.py`: `InternVLForConditionalGeneration`).
 
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 pub mod config;
 
 pub use self::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
-use super::{ModelInputs, Pixels};
+use super::{ModelInputs, Pixels, scatter_features};
 use crate::error::{Error, Result};
 use crate::nn::{KvCache, Linear, LinearConfig};
 use crate::projector::{MultiModalProjector, PixelShuffleVersion, ProjectorConfig, pixel_shuffle};
@@ -175,7 +175,12 @@ impl InternVlModel {
             }
             None => Vec::new(),
         };
-        let Some(Pixels::Tiles(pixel_values)) = inputs.pixels.clone() else {
+        let pixel_values = match inputs.pixels.clone() {
+            Some(Pixels::Tiles(tiles)) => Some(tiles),
+            Some(Pixels::Patches { .. }) => return Err(Error::Input("InternVL takes image tiles, not patches".into())),
+            None => None,
+        };
+        let Some(pixel_values) = pixel_values else {
             if positions.is_empty() {
                 return Ok(embeds);
             }
@@ -185,19 +190,8 @@ impl InternVlModel {
             return Err(Error::Input("images given, but the model's image-context token id is unknown".into()));
         }
         let features = self.image_features(pixel_values)?;
-        // One boolean read back per prompt: NaN weights or pixels would otherwise surface only as
-        // garbage tokens.
-        if !features.clone().is_finite().all().into_scalar::<bool>() {
-            return Err(Error::NonFinite { stage: "vision tower and projector" });
-        }
         let [tiles, per_tile, hidden] = features.dims();
-        if positions.len() != tiles * per_tile {
-            return Err(Error::InputMismatch { image_tokens: positions.len(), image_features: tiles * per_tile });
-        }
-        let [batch, seq_len, _] = embeds.dims();
-        let rows = embeds.reshape([batch * seq_len, hidden]);
-        let merged = scatter_rows(rows, features.reshape([tiles * per_tile, hidden]), &positions);
-        Ok(merged.reshape([batch, seq_len, hidden]))
+        scatter_features(embeds, features.reshape([tiles * per_tile, hidden]), &positions, "vision tower and projector")
     }
 
     /// Runs the decoder over embeddings, appending to `cache`, and returns the final hidden states.
@@ -235,24 +229,4 @@ impl InternVlModel {
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         self.config.text.new_cache(batch, capacity)
     }
-}
-
-/// Replaces `rows[positions[i]]` with `values[i]` for every `i` (transformers' `masked_scatter`).
-///
-/// # Shapes
-/// - rows: `[n, hidden]`, values: `[positions.len(), hidden]`, output: `[n, hidden]`
-fn scatter_rows(rows: Tensor<2>, values: Tensor<2>, positions: &[usize]) -> Tensor<2> {
-    let [n, hidden] = rows.dims();
-    let device = rows.device();
-    // For each row, the value row that replaces it (0 where nothing does, masked off below).
-    let mut source = vec![0i64; n];
-    let mut replaced = vec![false; n];
-    for (value_row, &row) in positions.iter().enumerate() {
-        source[row] = value_row as i64;
-        replaced[row] = true;
-    }
-    let source = Tensor::<1, Int>::from_data(TensorData::new(source, [n]), &device);
-    let replaced = Tensor::<2, Bool>::from_data(TensorData::new(replaced, [n, 1]), &device).expand([n, hidden]);
-    let gathered = values.select(0, source);
-    rows.mask_where(replaced, gathered)
 }

@@ -1,72 +1,9 @@
-//! Where each model parameter is found in a checkpoint, per layout: one table per layout, one line
-//! per rule (the inverse of transformers' `convert_internvl_weights_to_hf.py`).
-//!
-//! Parameter names are canonical: transformers' in-memory names without the `model.` prefix
-//! (`vision_tower.*`, `multi_modal_projector.*`, `language_model.*`, `lm_head.*`).
+//! The InternVL family's layouts, one table per layout (the inverse of transformers'
+//! `convert_internvl_weights_to_hf.py`).
 
+use super::{Rename, Rows, Source, rename, whole};
 use crate::models::internvl::CheckpointLayout;
 use crate::text::TextConfig;
-
-/// A place in the checkpoint that fills one parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Source {
-    /// Checkpoint tensor name.
-    pub name: String,
-    /// Which of its rows (dim 0).
-    pub rows: Rows,
-}
-
-/// Which rows of a stored tensor fill a parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rows {
-    /// All of them.
-    All,
-    /// Block `index` of `count` equal blocks (q, k and v fused one after the other).
-    Block {
-        /// Which block.
-        index: usize,
-        /// How many blocks.
-        count: usize,
-    },
-    /// Rows `offset..offset + take` of each of `groups` groups of `group_rows` rows, concatenated
-    /// (q, k and v interleaved per key/value group, as InternLM2's `wqkv`).
-    Strided {
-        /// Groups (key/value heads).
-        groups: usize,
-        /// Rows per group.
-        group_rows: usize,
-        /// First row taken in each group.
-        offset: usize,
-        /// Rows taken from each group.
-        take: usize,
-    },
-}
-
-impl Rows {
-    /// Rows the stored tensor has when the parameter has `rows`.
-    pub fn stored(self, rows: usize) -> usize {
-        match self {
-            Rows::All => rows,
-            Rows::Block { count, .. } => rows * count,
-            Rows::Strided { groups, group_rows, .. } => groups * group_rows,
-        }
-    }
-
-    /// The row ranges taken, in order, when the parameter has `rows` rows.
-    #[allow(clippy::single_range_in_vec_init)] // a list of ranges, of which there can be one
-    pub fn ranges(self, rows: usize) -> Vec<std::ops::Range<usize>> {
-        match self {
-            Rows::All => vec![0..rows],
-            Rows::Block { index, .. } => vec![index * rows..(index + 1) * rows],
-            Rows::Strided { groups, group_rows, offset, take } => {
-                (0..groups).map(|group| group * group_rows + offset..group * group_rows + offset + take).collect()
-            }
-        }
-    }
-}
-
-/// A substring rewrite from canonical to checkpoint names; `^` anchors it at the start.
-struct Rename(&'static str, &'static str);
 
 /// A parameter stored as a block of rows of a fused tensor: `(canonical infix, fused infix, block, blocks)`.
 struct Fused(&'static str, &'static str, usize, usize);
@@ -184,28 +121,10 @@ fn interleaved_qkv(which: Qkv, text: &TextConfig) -> Rows {
     Rows::Strided { groups: text.num_key_value_heads, group_rows: (queries + 2) * d, offset, take }
 }
 
-fn whole(name: String) -> Source {
-    Source { name, rows: Rows::All }
-}
-
-fn rename(name: &str, rules: &[Rename]) -> String {
-    let mut name = name.to_string();
-    for Rename(from, to) in rules {
-        match from.strip_prefix('^') {
-            Some(prefix) => {
-                if let Some(rest) = name.strip_prefix(prefix) {
-                    name = format!("{to}{rest}");
-                }
-            }
-            None => name = name.replacen(from, to, 1),
-        }
-    }
-    name
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loader::layout::Rows;
 
     fn names(layout: CheckpointLayout, canonical: &str) -> Vec<(String, usize)> {
         let text = TextConfig::tiny();
