@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
                 if let Some(failed) = history.pop() {
                     attached.extend(failed.content.into_iter().filter_map(|part| match part {
                         Content::Image(image) => Some(image),
-                        Content::Text(_) => None,
+                        Content::Text(_) | Content::Video(_) => None,
                     }));
                 }
             }

@@ -1,4 +1,5 @@
-//! Describe one or more images: stream the model's answer, or print one JSON object with `--json`.
+//! Describe one or more images, or a video given as frames: stream the model's answer, or print
+//! one JSON object with `--json`.
 //!
 //! cargo run --release --example describe -- --model OpenGVLab/InternVL3-1B-hf --image street.jpg \
 //!     --prompt "What is happening here?"
@@ -9,6 +10,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::Parser;
+use vlm::processing::Video;
 use vlm::{GenerationConfig, Image, Message, Vlm};
 
 #[derive(Parser)]
@@ -20,6 +22,13 @@ struct Args {
     /// An image file (JPEG, PNG, WebP, GIF, BMP); repeat for several, in order.
     #[arg(long = "image")]
     images: Vec<String>,
+    /// A directory of video frames (image files, taken in file-name order), for checkpoints that
+    /// take video (Qwen-VL); the frames are used as given.
+    #[arg(long)]
+    video_frames: Option<String>,
+    /// The rate the frames were sampled at, in frames per second (with --video-frames).
+    #[arg(long, default_value_t = 2.0)]
+    fps: f64,
     /// The question or instruction.
     #[arg(long, default_value = "Describe this image in detail.")]
     prompt: String,
@@ -44,9 +53,12 @@ struct Args {
     /// Stop when this text appears (repeatable).
     #[arg(long = "stop")]
     stops: Vec<String>,
-    /// Most tiles per image.
+    /// Most tiles per image (InternVL).
     #[arg(long)]
     max_tiles: Option<usize>,
+    /// Most pixels an image is resized to (Qwen-VL).
+    #[arg(long)]
+    max_pixels: Option<u64>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -64,6 +76,9 @@ fn main() -> anyhow::Result<()> {
     for path in &args.images {
         message = message.image(Image::open(path)?);
     }
+    if let Some(dir) = &args.video_frames {
+        message = message.video(Video::open_dir(dir, args.fps).with_context(|| format!("reading frames from {dir}"))?);
+    }
     let messages = [message.text(args.prompt.as_str())];
 
     let mut config = GenerationConfig {
@@ -74,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         max_tiles: args.max_tiles,
+        max_pixels: args.max_pixels,
         ..GenerationConfig::default()
     };
     config.stop = args.stops;

@@ -4,7 +4,8 @@
 //! projector and a language decoder, computing what HuggingFace transformers computes.
 //!
 //! Supported today: the InternVL family (InternVL 2 / 2.5 / 3, in both the OpenGVLab and the
-//! transformers checkpoint layouts) and NVIDIA's NVLM-D. Models run on burn's CPU backend
+//! transformers checkpoint layouts), NVIDIA's NVLM-D, Qwen2.5-VL and Qwen3-VL (NVIDIA's
+//! Cosmos-Reason1 and Cosmos-Reason2), with images and (Qwen-VL) videos. Models run on burn's CPU backend
 //! (ndarray) by default and on its CUDA backend with the `cuda` feature.
 //!
 //! The crate has three layers, each usable alone:

@@ -216,3 +216,27 @@ fn bad_arguments_are_clear_errors() {
     let output = run(&dir.path().join("none.jsonl"), dir.path(), &[]).output().unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("none.jsonl"));
 }
+
+#[test]
+fn a_qwen_vl_checkpoint_runs_the_benchmark_like_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir("qwen2_5-vl");
+    let mut command = eval(&["run", "--model", model.to_str().unwrap(), "--device", "cpu", "--quiet"]);
+    command.args(["--benchmark", benchmark().to_str().unwrap(), "--output", dir.path().to_str().unwrap()]);
+    succeeds(command.args(["--max-new-tokens", "4", "--batch-size", "3"]));
+    let records = read_records(&dir.path().join("predictions.jsonl")).unwrap();
+    let items = Benchmark::read(benchmark()).unwrap().items;
+    let vlm = vlm::Vlm::from_dir(&model, &vlm::device::cpu()).unwrap();
+    let config = vlm::GenerationConfig::default().temperature(0.0).max_new_tokens(4);
+    let mut answered = 0;
+    for (item, record) in items.iter().zip(&records).filter(|(_, record)| record.error.is_none()) {
+        let mut message = vlm::Message::user();
+        for path in item.image_paths() {
+            message = message.image(vlm::Image::open(path).unwrap());
+        }
+        let expected = vlm.generate(&[message.text(item.prompt_text())], &config).unwrap();
+        assert_eq!(record.prediction, expected.text, "{}", item.id);
+        answered += 1;
+    }
+    assert_eq!(answered, items.len() - 1, "every item but the broken image");
+}

@@ -92,3 +92,19 @@ fn bench_prints_every_row_of_the_standard_workload_as_json() {
     }
     assert_eq!(row["params"], 131_808);
 }
+
+#[test]
+fn describe_takes_video_frames_for_qwen_vl_and_answers_as_transformers() {
+    let output = Command::new(example("describe"))
+        .args(["--model", model_dir("qwen3-vl").to_str().unwrap(), "--video-frames"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/video"))
+        .args(["--fps", "2", "--prompt", "What happens in the video?", "--max-new-tokens", "8"])
+        .args(["--temperature", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // transformers' generate on the same frames (tests/fixtures/reference/qwen3-vl.json, "video").
+    assert_eq!(json["token_ids"], serde_json::json!([167, 307, 407, 132, 77, 259, 77, 259]));
+    assert_eq!(json["prompt_tokens"], 86);
+}

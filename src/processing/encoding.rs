@@ -29,9 +29,20 @@ pub enum Visual {
         patch_values: usize,
         /// Image (or video) tokens it fills in the prompt.
         tokens: usize,
-        /// For a video, the seconds one temporal patch spans.
-        video_seconds_per_patch: Option<f64>,
+        /// For a video, its frames and their rate.
+        video: Option<VideoTiming>,
     },
+}
+
+/// The timing of a video's frames.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VideoTiming {
+    /// Frames given (before padding to whole temporal patches).
+    pub frames: usize,
+    /// Frames per second.
+    pub fps: f64,
+    /// Seconds one temporal patch spans (`temporal_patch_size / fps`).
+    pub seconds_per_patch: f64,
 }
 
 impl Visual {
@@ -88,8 +99,8 @@ impl Encoding {
                     .visuals
                     .iter()
                     .filter_map(|visual| match *visual {
-                        Visual::Patches { grid, video_seconds_per_patch, .. } => {
-                            Some(PatchGrid { grid, video_seconds_per_patch })
+                        Visual::Patches { grid, video, .. } => {
+                            Some(PatchGrid { grid, video_seconds_per_patch: video.map(|v| v.seconds_per_patch) })
                         }
                         Visual::Tiles { .. } => None,
                     })

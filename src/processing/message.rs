@@ -1,8 +1,9 @@
-//! Conversations: messages of interleaved text and images.
+//! Conversations: messages of interleaved text, images and videos.
 
 use serde::Serialize;
 
 use super::image::Image;
+use super::video::Video;
 
 /// Who speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -23,6 +24,17 @@ pub enum Content {
     Text(String),
     /// An image, at this position among the text parts.
     Image(Image),
+    /// A video, as frames (Qwen-VL checkpoints).
+    Video(Video),
+}
+
+/// An image or a video of a conversation: what the vision tower sees.
+#[derive(Debug, Clone, Copy)]
+pub enum Media<'a> {
+    /// An image.
+    Image(&'a Image),
+    /// A video.
+    Video(&'a Video),
 }
 
 /// A message: a role and its parts in order, so `.image(a).text("vs").image(b)` keeps that order.
@@ -73,10 +85,25 @@ impl Message {
         self
     }
 
+    /// Appends a video.
+    pub fn video(mut self, video: Video) -> Self {
+        self.content.push(Content::Video(video));
+        self
+    }
+
     /// The images of the message, in order.
     pub fn images(&self) -> impl Iterator<Item = &Image> {
         self.content.iter().filter_map(|part| match part {
             Content::Image(image) => Some(image),
+            Content::Text(_) | Content::Video(_) => None,
+        })
+    }
+
+    /// The images and videos of the message, in order.
+    pub fn media(&self) -> impl Iterator<Item = Media<'_>> {
+        self.content.iter().filter_map(|part| match part {
+            Content::Image(image) => Some(Media::Image(image)),
+            Content::Video(video) => Some(Media::Video(video)),
             Content::Text(_) => None,
         })
     }

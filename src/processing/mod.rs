@@ -14,18 +14,20 @@ pub mod qwen_vl;
 mod sentencepiece;
 pub mod tiling;
 pub mod tokenizer;
+pub mod video;
 
 use std::path::{Path, PathBuf};
 
 pub use self::chat::{ChatTemplate, TemplateMessage};
-pub use self::encoding::{Encoding, Visual};
+pub use self::encoding::{Encoding, VideoTiming, Visual};
 pub use self::image::{AlphaMode, Image, ImageLimits, Normalization};
 pub use self::internvl::InternVlImages;
-pub use self::message::{Content, Message, Role};
+pub use self::message::{Content, Media, Message, Role};
 pub use self::prompt::ImagePlaceholders;
 pub use self::qwen_vl::QwenVlImages;
 pub use self::tiling::{Grid, TilingConfig};
 pub use self::tokenizer::Tokenizer;
+pub use self::video::Video;
 use crate::config::{CheckpointConfig, FamilyConfig};
 use crate::error::{Error, Result};
 
@@ -56,14 +58,6 @@ impl ImageProcessor {
         }
     }
 
-    /// The text each image's placeholder is found as in the rendered prompt.
-    fn placeholder(&self) -> &str {
-        match self {
-            ImageProcessor::InternVl(images) => images.placeholders.placeholder(),
-            ImageProcessor::QwenVl(images) => &images.image_token,
-        }
-    }
-
     /// What the `index`-th (0-based) of `count` images writes into a string message.
     fn marker_text(&self, index: usize, count: usize) -> String {
         match self {
@@ -72,11 +66,20 @@ impl ImageProcessor {
         }
     }
 
-    /// How each image is cut up, from its size alone (no pixel is touched).
-    fn plan(&self, images: &[&Image], options: &ProcessOptions) -> Result<Vec<Visual>> {
+    /// How each image or video is cut up, from its size alone (no pixel is touched).
+    fn plan(&self, media: &[Media], options: &ProcessOptions) -> Result<Vec<Visual>> {
         match self {
-            ImageProcessor::InternVl(internvl) => internvl.plan(images, options),
-            ImageProcessor::QwenVl(qwen) => qwen.plan(images, options),
+            ImageProcessor::InternVl(internvl) => {
+                let images = media
+                    .iter()
+                    .map(|item| match item {
+                        Media::Image(image) => Ok(*image),
+                        Media::Video(_) => Err(Error::Input("InternVL checkpoints take images, not videos".into())),
+                    })
+                    .collect::<Result<Vec<&Image>>>()?;
+                internvl.plan(&images, options)
+            }
+            ImageProcessor::QwenVl(qwen) => qwen.plan(media, options),
         }
     }
 
@@ -88,19 +91,28 @@ impl ImageProcessor {
         }
     }
 
-    /// The token ids image features are written over.
+    /// The token ids image (and video) features are written over.
     fn image_token_ids(&self) -> Vec<u32> {
         match self {
             ImageProcessor::InternVl(internvl) => vec![internvl.image_token_id],
-            ImageProcessor::QwenVl(qwen) => vec![qwen.image_token_id],
+            ImageProcessor::QwenVl(qwen) => vec![qwen.image_token_id, qwen.video_token_id],
         }
     }
 
-    /// The pixel values of every image, as the family's vision tower takes them.
-    fn pixel_values(&self, images: &[&Image], visuals: &[Visual], options: &ProcessOptions) -> Result<Vec<f32>> {
+    /// The pixel values of every image and video, as the family's vision tower takes them.
+    fn pixel_values(&self, media: &[Media], visuals: &[Visual], options: &ProcessOptions) -> Result<Vec<f32>> {
         match self {
-            ImageProcessor::InternVl(internvl) => internvl.pixel_values(images, visuals, options),
-            ImageProcessor::QwenVl(qwen) => qwen.pixel_values(images, visuals),
+            ImageProcessor::InternVl(internvl) => {
+                let images: Vec<&Image> = media
+                    .iter()
+                    .filter_map(|item| match item {
+                        Media::Image(image) => Some(*image),
+                        Media::Video(_) => None,
+                    })
+                    .collect();
+                internvl.pixel_values(&images, visuals, options)
+            }
+            ImageProcessor::QwenVl(qwen) => qwen.pixel_values(media, visuals),
         }
     }
 }
@@ -141,7 +153,7 @@ impl Default for ProcessOptions {
 fn ordered_parts(message: &Message, images_first: bool) -> Vec<&Content> {
     let mut parts: Vec<&Content> = message.content.iter().collect();
     if images_first {
-        parts.sort_by_key(|part| !matches!(part, Content::Image(_))); // stable: keeps each kind's order
+        parts.sort_by_key(|part| matches!(part, Content::Text(_))); // stable: keeps each kind's order
     }
     parts
 }
@@ -195,12 +207,8 @@ impl Processor {
         }
         let prompt = self.render_with(messages, options)?;
         // Moving images before text keeps their order among themselves, so this is prompt order.
-        let images: Vec<&Image> = messages.iter().flat_map(Message::images).collect();
-        let placeholders = prompt.matches(self.images.placeholder()).count();
-        if placeholders != images.len() {
-            return Err(Error::ImageCount { images: images.len(), placeholders });
-        }
-        let visuals = self.images.plan(&images, options)?;
+        let media: Vec<Media> = messages.iter().flat_map(Message::media).collect();
+        let visuals = self.images.plan(&media, options)?;
         // The image tokens alone may already be over the context: say so before writing them out.
         let features = visuals.iter().map(Visual::tokens).fold(0, usize::saturating_add);
         if features > self.max_context {
@@ -217,7 +225,7 @@ impl Processor {
             // The text itself contained image tokens.
             return Err(Error::InputMismatch { image_tokens, image_features: features });
         }
-        let pixel_values = self.images.pixel_values(&images, &visuals, options)?;
+        let pixel_values = self.images.pixel_values(&media, &visuals, options)?;
         Ok(Encoding { input_ids, pixel_values, visuals, prompt })
     }
 
@@ -255,7 +263,7 @@ impl Processor {
     }
 
     fn render_with(&self, messages: &[Message], options: &ProcessOptions) -> Result<String> {
-        let image_count = messages.iter().map(|m| m.images().count()).sum::<usize>();
+        let image_count = messages.iter().map(|m| m.media().count()).sum::<usize>();
         let mut image_index = 0;
         let rendered: Vec<TemplateMessage> = messages
             .iter()
@@ -265,6 +273,7 @@ impl Processor {
                     let parts = parts.iter().map(|part| match part {
                         Content::Text(text) => serde_json::json!({"type": "text", "text": text}),
                         Content::Image(_) => serde_json::json!({"type": "image"}),
+                        Content::Video(_) => serde_json::json!({"type": "video"}),
                     });
                     serde_json::Value::Array(parts.collect())
                 } else {
@@ -272,7 +281,7 @@ impl Processor {
                     for part in parts {
                         match part {
                             Content::Text(part) => text.push_str(part),
-                            Content::Image(_) => {
+                            Content::Image(_) | Content::Video(_) => {
                                 text.push_str(&self.images.marker_text(image_index, image_count));
                                 image_index += 1;
                             }

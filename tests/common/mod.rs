@@ -126,6 +126,11 @@ pub struct Reference {
 }
 
 impl Reference {
+    /// Any reference file.
+    pub fn load_file(path: &Path) -> Self {
+        Self { bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
+    }
+
     /// `tests/fixtures/reference/<weights>.safetensors`.
     pub fn load(weights: &str) -> Self {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
