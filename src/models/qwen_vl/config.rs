@@ -214,3 +214,106 @@ fn vision_config(json: &VisionJson, variant: QwenVlVariant, path: &Path) -> Resu
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{CheckpointConfig, FamilyConfig};
+    use crate::models::QwenVlVariant;
+    use std::path::Path;
+
+    fn qwen(json: &str) -> super::QwenVlCheckpoint {
+        match CheckpointConfig::from_json(json, Path::new("config.json")).unwrap().family {
+            FamilyConfig::QwenVl(checkpoint) => checkpoint,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Qwen/Qwen2.5-VL-3B-Instruct's config.json as published (transformers 4: decoder fields at the top).
+    const QWEN2_5_VL_3B: &str = r#"{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 128000,
+        "max_window_layers": 70, "model_type": "qwen2_5_vl", "num_attention_heads": 16, "num_hidden_layers": 36,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+        "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
+        "use_sliding_window": false, "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+        "intermediate_size": 3420, "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+        "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2, "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936}"#;
+
+    /// Qwen/Qwen3-VL-2B-Instruct's config.json as published (nested, interleaved M-RoPE, DeepStack).
+    const QWEN3_VL_2B: &str = r#"{"architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655,
+        "model_type": "qwen3_vl", "text_config": {"attention_bias": false, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 262144,
+        "model_type": "qwen3_vl_text", "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_scaling": {"mrope_interleaved": true, "mrope_section": [24, 20, 20],
+        "rope_type": "default"}, "rope_theta": 5000000, "tie_word_embeddings": true, "use_cache": true,
+        "vocab_size": 151936}, "tie_word_embeddings": true, "transformers_version": "4.57.0.dev0",
+        "video_token_id": 151656, "vision_config": {"deepstack_visual_indexes": [5, 11, 17], "depth": 24,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1024, "in_channels": 3, "initializer_range": 0.02,
+        "intermediate_size": 4096, "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304,
+        "out_hidden_size": 2048, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_end_token_id": 151653, "vision_start_token_id": 151652}"#;
+
+    #[test]
+    fn published_qwen2_5_vl_config_parses_as_transformers_reads_it() {
+        let model = qwen(QWEN2_5_VL_3B).model;
+        assert_eq!(model.variant, QwenVlVariant::Qwen2_5);
+        let text = &model.text;
+        assert_eq!(
+            (text.hidden_size, text.num_hidden_layers, text.head_dim, text.num_key_value_heads),
+            (2048, 36, 128, 2)
+        );
+        assert!(text.tie_word_embeddings && text.qkv_bias && !text.o_bias && !text.qk_norm);
+        assert_eq!(text.mrope.map(|m| (m.section, m.interleaved)), Some(([16, 24, 24], false)));
+        assert_eq!(text.rope_theta, 1e6);
+        let vision = &model.vision;
+        assert_eq!((vision.depth, vision.hidden_size, vision.out_hidden_size), (32, 1280, 2048));
+        assert_eq!(
+            vision.windows.as_ref().map(|w| (w.size, w.full_attention_blocks.clone())),
+            Some((112, vec![7, 15, 23, 31]))
+        );
+        assert_eq!((model.image_token_id, model.video_token_id, model.tokens_per_second), (151_655, 151_656, 2.0));
+    }
+
+    #[test]
+    fn published_qwen3_vl_config_parses_as_transformers_reads_it() {
+        let model = qwen(QWEN3_VL_2B).model;
+        assert_eq!(model.variant, QwenVlVariant::Qwen3);
+        let text = &model.text;
+        assert_eq!((text.head_dim, text.num_key_value_heads, text.max_position_embeddings), (128, 8, 262_144));
+        assert!(text.tie_word_embeddings && text.qk_norm && !text.qkv_bias);
+        assert_eq!(text.mrope.map(|m| (m.section, m.interleaved)), Some(([24, 20, 20], true)));
+        assert_eq!(text.rope_theta, 5e6);
+        let vision = &model.vision;
+        assert_eq!((vision.position_table_side, vision.deepstack_indexes.clone()), (Some(48), vec![5, 11, 17]));
+        assert!(vision.windows.is_none() && vision.patch_bias && !vision.gated_mlp);
+    }
+
+    #[test]
+    fn inconsistent_qwen_configs_are_config_errors() {
+        for (from, to) in [
+            (r#""mrope_section": [16, 24, 24]"#, r#""mrope_section": [16, 24, 20]"#),
+            (r#""fullatt_block_indexes": [7, 15, 23, 31]"#, r#""fullatt_block_indexes": [7, 40]"#),
+            (r#""out_hidden_size": 2048"#, r#""out_hidden_size": 1024"#),
+            (r#""window_size": 112"#, r#""window_size": 4"#),
+        ] {
+            let json = QWEN2_5_VL_3B.replace(from, to);
+            let error = CheckpointConfig::from_json(&json, Path::new("config.json")).unwrap_err();
+            assert!(matches!(error, crate::Error::Config { .. }), "{to}: {error}");
+        }
+        let json = QWEN3_VL_2B.replace(r#""num_position_embeddings": 2304"#, r#""num_position_embeddings": 2000"#);
+        assert!(matches!(
+            CheckpointConfig::from_json(&json, Path::new("config.json")),
+            Err(crate::Error::Config { .. })
+        ));
+        let json =
+            QWEN3_VL_2B.replace(r#""deepstack_visual_indexes": [5, 11, 17]"#, r#""deepstack_visual_indexes": [5, 30]"#);
+        assert!(matches!(
+            CheckpointConfig::from_json(&json, Path::new("config.json")),
+            Err(crate::Error::Config { .. })
+        ));
+    }
+}
