@@ -7,7 +7,9 @@
 //! Rows: vision + projector for 1, 7 and 13 tiles; time to first token for one image of 13 tiles
 //! (and of 1 tile) plus 32 text tokens; decode tokens/s at batch 1 and 16 after a 1-tile prompt;
 //! the first call's time to first token (compilation and autotuning included). Each timing is the
-//! median of `--runs` after one warm-up, synchronised by reading the result back.
+//! median of `--runs` after one warm-up, synchronised by reading the result back. `--rows` picks
+//! some (`vision_1,ttft_1,decode_bs1` takes minutes on a CPU where all of them take half an hour),
+//! `--decode-tokens` sets how many tokens the decode rows generate.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,23 @@ struct Args {
     /// Timed runs per row (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Rows to run, comma-separated: vision_1, vision_7, vision_13, ttft_13, ttft_1, decode_bs1,
+    /// decode_bs16, first_ttft (default: all).
+    #[arg(long, value_delimiter = ',')]
+    rows: Option<Vec<String>>,
+    /// Tokens the decode rows generate (default: 256 at batch 1 and 128 at batch 16; 64 and 32
+    /// for tiny).
+    #[arg(long)]
+    decode_tokens: Option<usize>,
+}
+
+const ROWS: &[&str] =
+    &["first_ttft", "vision_1", "vision_7", "vision_13", "ttft_13", "ttft_1", "decode_bs1", "decode_bs16"];
+
+impl Args {
+    fn wants(&self, row: &str) -> bool {
+        self.rows.as_ref().is_none_or(|rows| rows.iter().any(|r| r == row))
+    }
 }
 
 /// The decoders of the standard workload: (hidden, layers, heads, KV heads, FFN, tied).
@@ -181,9 +200,7 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
     let init_ms = ms(init_start.elapsed());
     let tiny = size == "tiny";
     let (steps_bs1, steps_bs16) = if tiny { (64, 32) } else { (256, 128) };
-
-    // The very first request, compilation and autotuning included.
-    let first = generate(&model, &prompt(&model, 1, 1, device), 0)?.0;
+    let (steps_bs1, steps_bs16) = args.decode_tokens.map_or((steps_bs1, steps_bs16), |n| (n, n));
 
     let mut row = json!({
         "size": size,
@@ -191,9 +208,12 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         "dtype": args.dtype,
         "params": params,
         "init_random_weights_ms": init_ms,
-        "first_ttft_ms_1tile": ms(first),
     });
-    for tiles in [1, 7, 13] {
+    if args.wants("first_ttft") {
+        // The very first request, compilation and autotuning included.
+        row["first_ttft_ms_1tile"] = ms(generate(&model, &prompt(&model, 1, 1, device), 0)?.0).into();
+    }
+    for tiles in [1, 7, 13].into_iter().filter(|tiles| args.wants(&format!("vision_{tiles}"))) {
         let pixel_values = pixels(tiles, &config, device);
         let time = median(args.runs, || {
             timed(|| {
@@ -205,10 +225,16 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         row[format!("vision_ms_{tiles}tiles")] = ms(time).into();
     }
     for (tiles, key) in [(13, "ttft_ms_13tiles"), (1, "ttft_ms_1tile")] {
+        if !args.wants(&format!("ttft_{tiles}")) {
+            continue;
+        }
         let inputs = prompt(&model, tiles, 1, device);
         row[key] = ms(median(args.runs, || Ok(generate(&model, &inputs, 0)?.0))?).into();
     }
     for (batch, steps, key) in [(1, steps_bs1, "decode_tok_s_bs1"), (16, steps_bs16, "decode_tok_s_bs16")] {
+        if !args.wants(&format!("decode_bs{batch}")) {
+            continue;
+        }
         let inputs = prompt(&model, 1, batch, device);
         let decode = median(args.runs, || Ok(generate(&model, &inputs, steps)?.1))?;
         row[key] = ((batch * steps) as f64 / decode.as_secs_f64()).into();
@@ -227,6 +253,9 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown --dtype {other:?} (f32, bf16, f16)"),
     };
     device.configure(dtype).map_err(|e| anyhow::anyhow!("{} cannot use {}: {e:?}", args.device, args.dtype))?;
+    if let Some(unknown) = args.rows.iter().flatten().find(|row| !ROWS.contains(&row.as_str())) {
+        anyhow::bail!("unknown row {unknown:?} (rows: {})", ROWS.join(", "));
+    }
     for size in &args.sizes {
         println!("{}", bench(size, &args, &device)?);
     }

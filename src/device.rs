@@ -2,10 +2,11 @@
 
 use burn::tensor::Device;
 
-/// The CPU device (burn's ndarray backend), computing in f32.
-#[allow(deprecated)] // burn 0.22 deprecates ndarray in favour of `flex`; ndarray is the tested CPU path.
+/// The CPU device: burn's flex backend (`gemm` matrix products with AVX2 / AVX-512 chosen at run
+/// time, threads on every core through rayon; `RAYON_NUM_THREADS` sets how many), computing in
+/// f32.
 pub fn cpu() -> Device {
-    Device::ndarray()
+    Device::flex()
 }
 
 /// A device by name: `cpu`, `cuda` or `cuda:N` (the latter with the `cuda` feature).
