@@ -103,6 +103,7 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
         rope_scaling: vlm::nn::rope::RopeScaling::None,
         mrope: None,
         qk_norm: false,
+        sliding_window: None,
         max_position_embeddings: 32_768,
         qkv_bias: true,
         o_bias: false,
@@ -115,7 +116,7 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
         hidden_size: hidden,
         output_size: hidden,
         bias: true,
-        layer_norm_eps: 1e-5,
+        layer_norm_eps: Some(1e-5),
         activation: Activation::Gelu,
     };
     Ok(InternVlConfig { vision, projector, text, image_token_id: Some(151_667), ..InternVlConfig::tiny() })

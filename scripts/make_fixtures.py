@@ -11,7 +11,8 @@ Everything is seeded, so a re-run rewrites the same files (up to library version
 is needed: the tokenizers are trained here on a small built-in corpus. Groups (`--only`): internvl3,
 internvl2-llama-untied, nvlm-d, processor, internvl2-internlm2, internvl-rope-linear, internvl-rope-dynamic,
 internvl-rope-llama3, internvl-rope-yarn, and the Qwen-VL groups qwen_vl_processor, qwen2_5_vl, qwen3_vl (written
-by scripts/fixtures_qwen_vl.py, whose docstring documents them). Without `--only` models/, reference/ and
+by scripts/fixtures_qwen_vl.py, whose docstring documents them), and the LLaVA-architecture groups pixtral, llava,
+llava_processor (written by scripts/fixtures_llava.py, likewise). Without `--only` models/, reference/ and
 tokenizer/ are wiped first.
 
 Layout of the output:
@@ -57,6 +58,7 @@ Models (every parameter re-randomised; default init leaves norms at 1 and biases
     greedy step, with the KV cache); the RoPE ones `rope_inv_freq` [steps, head_dim/2], `rope_seq_len`,
     `rope_attention_scaling` per decoder forward (step 0 = the prompt).
     qwen2_5-vl, qwen2_5-vl-hf5, qwen2_5-vl-tied, qwen3-vl: see scripts/fixtures_qwen_vl.py.
+    pixtral, pixtral-hf5, llava, llava-nobias: see scripts/fixtures_llava.py.
 """
 
 import argparse
@@ -1437,8 +1439,22 @@ QWEN_VL_GROUP_FILES = {
                    "reference/qwen2_5-vl-tied.safetensors", "reference/qwen2_5-vl-tied.json"],
     "qwen3_vl": ["models/qwen3-vl", "reference/qwen3-vl.safetensors", "reference/qwen3-vl.json"],
 }
+# Groups written by fixtures_llava.py, and the files each owns.
+LLAVA_GROUP_FILES = {
+    "pixtral": ["models/pixtral", "models/pixtral-hf5", "reference/pixtral.safetensors", "reference/pixtral.json"],
+    # reads models/pixtral: run after (or with) the pixtral group
+    "pixtral_sliding": ["reference/pixtral-sliding.safetensors", "reference/pixtral-sliding.json"],
+    "llava": ["models/llava", "models/llava-nobias", "reference/llava.safetensors", "reference/llava.json",
+              "reference/llava-nobias.safetensors", "reference/llava-nobias.json"],
+    "llava_processor": ["processor/llava-cases.json"]
+                       + [f"processor/{name}.safetensors" for name in (
+                           "pixtral-tiny-1x1", "pixtral-17x17", "pixtral-200x101", "pixtral-wide-300x41",
+                           "pixtral-tall-30x200", "pixtral-129x129", "pixtral-128x48", "pixtral-alpha-40x30",
+                           "llava-tiny-10x10", "llava-wide-300x41", "llava-tall-30x200", "llava-87x84",
+                           "llava-100x57", "llava-alpha-40x30")],
+}
 GROUPS = (["internvl3", "internvl2-llama-untied", "nvlm-d", "processor", "internvl2-internlm2"] + list(ROPE_FIXTURES)
-          + list(QWEN_VL_GROUP_FILES))
+          + list(QWEN_VL_GROUP_FILES) + list(LLAVA_GROUP_FILES))
 # Files each group owns under tests/fixtures (what `--only` deletes before rewriting).
 GROUP_FILES = {
     "internvl3": ["models/internvl3-hf", "models/internvl3-hf-sharded", "models/internvl3-original",
@@ -1454,6 +1470,7 @@ GROUP_FILES = {
                             "reference/internvl2-internlm2.json", "tokenizer/internlm2.json"],
     **{name: [f"models/{name}", f"reference/{name}.safetensors", f"reference/{name}.json"] for name in ROPE_FIXTURES},
     **QWEN_VL_GROUP_FILES,
+    **LLAVA_GROUP_FILES,
 }
 
 
@@ -1503,6 +1520,9 @@ def main():
         elif group in QWEN_VL_GROUP_FILES:
             import fixtures_qwen_vl  # imports this module back for the tokenizer corpus, rerandomise, test_image
             fixtures_qwen_vl.make_group(group, out_dir)
+        elif group in LLAVA_GROUP_FILES:
+            import fixtures_llava  # imports this module back for the BPE, rerandomise, test_image
+            fixtures_llava.make_group(group, out_dir)
         else:
             make_rope_fixture(out_dir, tok, group)
 

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 pub use crate::models::internvl::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
+pub use crate::models::llava::config::LlavaCheckpoint;
 pub use crate::models::qwen_vl::config::QwenVlCheckpoint;
 use crate::nn::Activation;
 use crate::nn::rope::{MultimodalRope, RopeScaling, yarn_attention_factor};
@@ -26,6 +27,7 @@ pub const MAX_DIMENSION: usize = 1 << 24;
 
 /// The architectures (`config.json` → `architectures[0]`) this crate loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Architecture {
     /// `InternVLForConditionalGeneration` (InternVL3-*-hf).
     InternVlHf,
@@ -37,11 +39,13 @@ pub enum Architecture {
     Qwen2_5Vl,
     /// `Qwen3VLForConditionalGeneration` (Qwen3-VL, NVIDIA Cosmos-Reason2).
     Qwen3Vl,
+    /// `LlavaForConditionalGeneration` (Pixtral-12B, LLaVA-1.5).
+    Llava,
 }
 
 impl Architecture {
     const SUPPORTED: &'static str = "InternVLForConditionalGeneration, InternVLChatModel, NVLM_D, \
-        Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration";
+        Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, LlavaForConditionalGeneration";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -50,6 +54,7 @@ impl Architecture {
             "NVLM_D" => Some(Self::NvlmD),
             "Qwen2_5_VLForConditionalGeneration" => Some(Self::Qwen2_5Vl),
             "Qwen3VLForConditionalGeneration" => Some(Self::Qwen3Vl),
+            "LlavaForConditionalGeneration" => Some(Self::Llava),
             _ => None,
         }
     }
@@ -68,11 +73,14 @@ pub struct CheckpointConfig {
 
 /// What each family reads from `config.json`.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum FamilyConfig {
     /// InternVL and NVLM-D.
     InternVl(InternVlCheckpoint),
     /// Qwen2.5-VL and Qwen3-VL.
     QwenVl(QwenVlCheckpoint),
+    /// The Llava layout: Pixtral-12B and LLaVA-1.5.
+    Llava(LlavaCheckpoint),
 }
 
 impl CheckpointConfig {
@@ -103,6 +111,10 @@ impl CheckpointConfig {
                 let (checkpoint, dtype) = QwenVlCheckpoint::parse(architecture, text, path)?;
                 (FamilyConfig::QwenVl(checkpoint), dtype)
             }
+            Architecture::Llava => {
+                let (checkpoint, dtype) = LlavaCheckpoint::parse(architecture, text, path)?;
+                (FamilyConfig::Llava(checkpoint), dtype)
+            }
         };
         Ok(Self { architecture, family, dtype })
     }
@@ -111,7 +123,7 @@ impl CheckpointConfig {
     pub fn internvl(&self) -> Option<&InternVlCheckpoint> {
         match &self.family {
             FamilyConfig::InternVl(checkpoint) => Some(checkpoint),
-            FamilyConfig::QwenVl(_) => None,
+            FamilyConfig::QwenVl(_) | FamilyConfig::Llava(_) => None,
         }
     }
 
@@ -120,6 +132,7 @@ impl CheckpointConfig {
         match &self.family {
             FamilyConfig::InternVl(checkpoint) => &checkpoint.model.text,
             FamilyConfig::QwenVl(checkpoint) => &checkpoint.model.text,
+            FamilyConfig::Llava(checkpoint) => &checkpoint.model.text,
         }
     }
 }
@@ -318,6 +331,9 @@ pub(crate) struct TextJson {
     mlp_bias: Option<bool>,
     /// InternLM2's name for biases on `wqkv` and `wo`.
     bias: Option<bool>,
+    /// Mistral's sliding window: absent means the class default (4096), `null` none.
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<usize>>,
     hidden_act: Option<Activation>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
@@ -338,6 +354,16 @@ pub enum TextArchitecture {
     /// Qwen3-VL's decoder (`Qwen3VLTextConfig`): Qwen3 (q/k RMSNorm, explicit `head_dim`) with
     /// interleaved multimodal RoPE.
     Qwen3Vl,
+    /// `MistralForCausalLM` (Pixtral's Mistral NeMo): Llama with an explicit `head_dim` and a
+    /// sliding window.
+    Mistral,
+}
+
+/// Reads a field that may be absent (`None`), `null` (`Some(None)`) or a value.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// The defaults of a decoder's Python config class, for fields a file leaves out.
@@ -379,6 +405,12 @@ impl TextArchitecture {
                 ..llama
             },
             TextArchitecture::InternLm2 => TextDefaults { vocab_size: 103_168, ..llama },
+            TextArchitecture::Mistral => TextDefaults {
+                intermediate_size: 14_336,
+                num_key_value_heads: Some(8),
+                max_position_embeddings: 131_072,
+                ..llama
+            },
             TextArchitecture::Qwen2_5Vl => TextDefaults {
                 vocab_size: 152_064,
                 hidden_size: 8192,
@@ -412,20 +444,22 @@ impl TextJson {
             "Qwen2ForCausalLM" | "qwen2" => Some(TextArchitecture::Qwen2),
             "LlamaForCausalLM" | "llama" => Some(TextArchitecture::Llama),
             "InternLM2ForCausalLM" | "internlm2" => Some(TextArchitecture::InternLm2),
+            "MistralForCausalLM" | "mistral" => Some(TextArchitecture::Mistral),
             _ => None,
         };
         if let Some(first) = self.architectures.first() {
             return named(first).ok_or_else(|| Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 architectures: self.architectures.clone(),
-                supported: "decoders Qwen2ForCausalLM, LlamaForCausalLM, InternLM2ForCausalLM".into(),
+                supported: "decoders Qwen2ForCausalLM, LlamaForCausalLM, InternLM2ForCausalLM, MistralForCausalLM"
+                    .into(),
             });
         }
         match &self.model_type {
             Some(model_type) => named(model_type).ok_or_else(|| Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 architectures: vec![model_type.clone()],
-                supported: "decoder model types qwen2, llama, internlm2".into(),
+                supported: "decoder model types qwen2, llama, internlm2, mistral".into(),
             }),
             None => Ok(default),
         }
@@ -453,6 +487,7 @@ impl TextJson {
         let (qkv_bias, o_bias) = match arch {
             TextArchitecture::Qwen2 | TextArchitecture::Qwen2_5Vl => (true, false),
             TextArchitecture::Llama | TextArchitecture::Qwen3Vl => (attention_bias, attention_bias),
+            TextArchitecture::Mistral => (false, false),
             // InternLM2Config's `bias` (default true) is on both wqkv and wo.
             TextArchitecture::InternLm2 => (self.bias.unwrap_or(true), self.bias.unwrap_or(true)),
         };
@@ -489,6 +524,11 @@ impl TextJson {
             rope_scaling,
             mrope,
             qk_norm: arch == TextArchitecture::Qwen3Vl,
+            // Only Mistral's configs apply it (Qwen2's need use_sliding_window, never set by these).
+            sliding_window: match arch {
+                TextArchitecture::Mistral => self.sliding_window.unwrap_or(Some(4096)),
+                _ => None,
+            },
             max_position_embeddings,
             qkv_bias,
             o_bias,

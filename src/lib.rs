@@ -5,8 +5,9 @@
 //!
 //! Supported today: the InternVL family (InternVL 2 / 2.5 / 3, in both the OpenGVLab and the
 //! transformers checkpoint layouts), NVIDIA's NVLM-D, Qwen2.5-VL and Qwen3-VL (NVIDIA's
-//! Cosmos-Reason1 and Cosmos-Reason2), with images and (Qwen-VL) videos. Models run on burn's CPU backend
-//! (flex) by default and on its CUDA backend with the `cuda` feature.
+//! Cosmos-Reason1 and Cosmos-Reason2), Pixtral-12B and LLaVA-1.5 (transformers' Llava layout), with
+//! images and (Qwen-VL) videos. Models run on burn's CPU backend (flex) by default and on its CUDA
+//! backend with the `cuda` feature.
 //!
 //! The crate has three layers, each usable alone:
 //! - [`Vlm`]: `from_pretrained`, then `generate`, `stream` or `generate_batch`;

@@ -46,8 +46,8 @@ pub struct ProjectorConfig {
     pub output_size: usize,
     /// Whether the two linear layers have biases (NVLM-D's do not).
     pub bias: bool,
-    /// Epsilon of the input LayerNorm.
-    pub layer_norm_eps: f64,
+    /// Epsilon of the input LayerNorm (InternVL's); `None` for none (LLaVA's projector).
+    pub layer_norm_eps: Option<f64>,
     /// Activation between the linear layers.
     pub activation: Activation,
 }
@@ -62,7 +62,9 @@ impl ProjectorConfig {
     /// Creates the projector (parameters filled by the loader).
     pub fn init(&self, device: &Device) -> MultiModalProjector {
         MultiModalProjector {
-            layer_norm: LayerNormConfig { d_model: self.input_size, eps: self.layer_norm_eps, bias: true }.init(device),
+            layer_norm: self
+                .layer_norm_eps
+                .map(|eps| LayerNormConfig { d_model: self.input_size, eps, bias: true }.init(device)),
             linear_1: LinearConfig::new(self.input_size, self.hidden_size, self.bias).init(device),
             linear_2: LinearConfig::new(self.hidden_size, self.output_size, self.bias).init(device),
             activation: self.activation,
@@ -70,11 +72,11 @@ impl ProjectorConfig {
     }
 }
 
-/// `linear_2(act(linear_1(layer_norm(x))))`.
+/// `linear_2(act(linear_1(layer_norm(x))))` (InternVL), or without the norm (LLaVA).
 #[derive(Module, Debug)]
 pub struct MultiModalProjector {
     /// LayerNorm over the shuffled vision token.
-    pub layer_norm: LayerNorm,
+    pub layer_norm: Option<LayerNorm>,
     /// `[hidden, input]`
     pub linear_1: Linear,
     /// `[output, hidden]`
@@ -88,7 +90,11 @@ impl MultiModalProjector {
     /// - input: `[..., input_size]`
     /// - output: `[..., output_size]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let x = self.linear_1.forward(self.layer_norm.forward(x));
+        let x = match &self.layer_norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
+        let x = self.linear_1.forward(x);
         self.linear_2.forward(self.activation.forward(x))
     }
 }

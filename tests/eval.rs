@@ -219,8 +219,17 @@ fn bad_arguments_are_clear_errors() {
 
 #[test]
 fn a_qwen_vl_checkpoint_runs_the_benchmark_like_the_library() {
+    runs_the_benchmark_like_the_library("qwen2_5-vl");
+}
+
+#[test]
+fn a_llava_checkpoint_runs_the_benchmark_like_the_library() {
+    runs_the_benchmark_like_the_library("llava");
+}
+
+fn runs_the_benchmark_like_the_library(checkpoint: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let model = model_dir("qwen2_5-vl");
+    let model = model_dir(checkpoint);
     let mut command = eval(&["run", "--model", model.to_str().unwrap(), "--device", "cpu", "--quiet"]);
     command.args(["--benchmark", benchmark().to_str().unwrap(), "--output", dir.path().to_str().unwrap()]);
     succeeds(command.args(["--max-new-tokens", "4", "--batch-size", "3"]));

@@ -54,22 +54,24 @@ fn describe_reports_a_missing_image_without_panicking() {
 #[test]
 fn chat_answers_each_turn_with_an_image_attached() {
     use std::io::Write;
-    let mut child = Command::new(example("chat"))
-        .args(["--model", model_dir("nvlm-d").to_str().unwrap(), "--max-new-tokens", "4", "--temperature", "0"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let script = format!("/image {}\nWhat is it?\nAnd now?\n/quit\n", fixture_image("square.png"));
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("attached 96x96 image"), "{stderr}");
-    assert!(!stderr.contains("error"), "{stderr}");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(stdout.matches("> ").count(), 4, "{stdout}"); // one prompt per input line
+    for checkpoint in ["nvlm-d", "pixtral", "llava"] {
+        let mut child = Command::new(example("chat"))
+            .args(["--model", model_dir(checkpoint).to_str().unwrap(), "--max-new-tokens", "4", "--temperature", "0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let script = format!("/image {}\nWhat is it?\nAnd now?\n/quit\n", fixture_image("square.png"));
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{checkpoint}: {}", String::from_utf8_lossy(&output.stderr));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("attached 96x96 image"), "{checkpoint}: {stderr}");
+        assert!(!stderr.contains("error"), "{checkpoint}: {stderr}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(stdout.matches("> ").count(), 4, "{checkpoint}: {stdout}"); // one prompt per input line
+    }
 }
 
 #[test]
@@ -91,6 +93,25 @@ fn bench_prints_every_row_of_the_standard_workload_as_json() {
         assert!(value.is_finite() && value > 0.0, "{key} = {value}");
     }
     assert_eq!(row["params"], 131_808);
+}
+
+#[test]
+fn describe_runs_pixtral_and_llava_checkpoints_as_transformers() {
+    // transformers' generate on the same prompts (tests/fixtures/reference/{pixtral,llava}.json, "single").
+    for (checkpoint, image, prompt_tokens, tokens) in [
+        ("pixtral", "pixtral-200x120.png", 56, [53, 78, 192, 431, 78, 140, 431, 222]),
+        ("llava", "llava-120x80.png", 49, [53, 246, 153, 230, 330, 378, 243, 243]),
+    ] {
+        let output = Command::new(example("describe"))
+            .args(["--model", model_dir(checkpoint).to_str().unwrap(), "--image", &common::fixture_image(image)])
+            .args(["--prompt", "What is in this image?", "--max-new-tokens", "8", "--temperature", "0", "--json"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{checkpoint}: {}", String::from_utf8_lossy(&output.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(json["token_ids"], serde_json::json!(tokens), "{checkpoint}");
+        assert_eq!(json["prompt_tokens"], prompt_tokens, "{checkpoint}");
+    }
 }
 
 #[test]

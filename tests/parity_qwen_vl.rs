@@ -6,8 +6,8 @@
 mod common;
 
 use burn::tensor::{Tensor, TensorData};
-use common::{Reference, model_dir, relative_error, relative_error_of};
-use vlm::models::{ModelInputs, PatchGrid, Pixels, QwenVlModel, QwenVlVariant};
+use common::{Case, Reference, model_dir, relative_error};
+use vlm::models::{PatchGrid, Pixels, QwenVlModel, QwenVlVariant};
 use vlm::vision::qwen_grid::VisualGrid;
 
 const TOLERANCE: f32 = 1e-4;
@@ -29,38 +29,12 @@ fn load(checkpoint: &str) -> QwenVlModel {
     }
 }
 
-/// One prompt of a reference file.
-struct Case<'a> {
-    reference: &'a Reference,
-    name: &'a str,
+/// The pixels of a reference case as the Qwen-VL model takes them.
+trait QwenPixels {
+    fn pixels(&self, model: &QwenVlModel) -> Option<Pixels>;
 }
 
-impl Case<'_> {
-    fn key(&self, tensor: &str) -> String {
-        format!("{}.{tensor}", self.name)
-    }
-
-    fn has(&self, tensor: &str) -> bool {
-        self.reference.has(&self.key(tensor))
-    }
-
-    fn ids(&self, tensor: &str) -> Vec<Vec<u32>> {
-        self.reference.ids(&self.key(tensor))
-    }
-
-    fn floats(&self, tensor: &str) -> (Vec<usize>, Vec<f32>) {
-        self.reference.floats(&self.key(tensor))
-    }
-
-    fn ints(&self, tensor: &str) -> (Vec<usize>, Vec<i64>) {
-        self.reference.ints(&self.key(tensor))
-    }
-
-    /// Left padding of each row, from the attention mask.
-    fn padding(&self) -> Vec<usize> {
-        self.ids("attention_mask").iter().map(|row| row.iter().take_while(|&&m| m == 0).count()).collect()
-    }
-
+impl QwenPixels for Case<'_> {
     /// The processor's patches (images, then the video when both are there, as their tokens come
     /// in these fixtures' prompts) as the model takes them, with their grids.
     fn pixels(&self, model: &QwenVlModel) -> Option<Pixels> {
@@ -180,37 +154,13 @@ fn multimodal_positions_match_get_rope_index() {
 fn logits_and_every_cached_greedy_step_match_transformers() {
     for (checkpoint, model, reference, name) in cases() {
         let case = Case { reference: &reference, name };
-        let ids = case.ids("input_ids");
-        let padding = case.padding();
-        let batch = ids.len();
-        let steps = case.ids("greedy_tokens")[0].len();
-        let mut cache = model.new_cache(batch, ids[0].len() + steps).with_left_padding(padding).unwrap();
-        let inputs = ModelInputs { input_ids: ids.clone(), pixels: case.pixels(&model) };
-        let hidden = model.hidden_states(&inputs, &mut cache).unwrap();
-        let logits = model.logits(hidden);
-        let [_, len, vocab] = logits.dims();
-        if case.has("logits") {
-            let error = relative_error(logits.clone(), &case.floats("logits"));
-            eprintln!("{checkpoint} {name}: prompt logits relative error {error:e}");
-            assert!(error <= TOLERANCE, "{checkpoint} {name}: logits relative error {error:e}");
-        }
-        let (_, step_logits) = case.floats("greedy_step_logits"); // [batch, steps, vocab]
-        let expected = case.ids("greedy_tokens");
-        let mut last = logits.narrow(1, len - 1, 1);
-        let mut worst = 0f32;
-        for step in 0..steps {
-            let rows = last.clone().reshape([batch, vocab]).into_data().try_to_vec::<f32>().unwrap();
-            for b in 0..batch {
-                let want = &step_logits[(b * steps + step) * vocab..(b * steps + step + 1) * vocab];
-                let error = relative_error_of(&rows[b * vocab..(b + 1) * vocab], want);
-                worst = worst.max(error);
-                assert!(error <= TOLERANCE, "{checkpoint} {name}: row {b} step {step} relative error {error:e}");
-                let token = vlm::generation::sampler::argmax(&rows[b * vocab..(b + 1) * vocab]);
-                assert_eq!(token, expected[b][step], "{checkpoint} {name}: row {b} step {step}");
-            }
-            let next = ModelInputs { input_ids: expected.iter().map(|row| vec![row[step]]).collect(), pixels: None };
-            last = model.logits(model.hidden_states(&next, &mut cache).unwrap());
-        }
-        eprintln!("{checkpoint} {name}: {steps} greedy steps, worst logits relative error {worst:e}");
+        common::check_logits_and_greedy_steps(
+            checkpoint,
+            &case,
+            case.pixels(&model),
+            TOLERANCE,
+            |batch, capacity| model.new_cache(batch, capacity),
+            |inputs, cache| model.logits(model.hidden_states(inputs, cache).unwrap()),
+        );
     }
 }

@@ -30,7 +30,7 @@ fn tiles(encoding: &Encoding) -> Vec<(Grid, usize, usize)> {
         .iter()
         .map(|visual| match *visual {
             Visual::Tiles { grid, tiles, size, .. } => (grid, tiles, size),
-            Visual::Patches { .. } => panic!("an InternVL encoding has tiles"),
+            _ => panic!("an InternVL encoding has tiles"),
         })
         .collect()
 }
@@ -39,6 +39,7 @@ fn normalization(processor: &Processor) -> vlm::processing::Normalization {
     match processor.images() {
         ImageProcessor::InternVl(images) => images.normalization,
         ImageProcessor::QwenVl(images) => images.normalization,
+        other => panic!("{other:?}"),
     }
 }
 

@@ -415,6 +415,15 @@ fn a_wrong_method_gets_an_openai_error_object() {
 }
 
 #[test]
+fn a_pixtral_checkpoint_is_served_like_the_library() {
+    let server = common::start_server("pixtral", MODEL, &[]);
+    let (status, body, _) = post(&server, &request("What is in this image?", &["wide.png"]));
+    assert_eq!(status, 200, "{body}");
+    let vlm = vlm::Vlm::from_dir(&model_dir("pixtral"), &vlm::device::cpu()).unwrap();
+    assert_eq!(answer(&body), expected_with(&vlm, "What is in this image?", &["wide.png"]));
+}
+
+#[test]
 fn a_qwen_vl_checkpoint_is_served_like_the_library() {
     let server = common::start_server("qwen2_5-vl", MODEL, &[]);
     let (status, body, _) = post(&server, &request("What is in this image?", &["wide.png"]));

@@ -44,6 +44,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
             let tied: &[&str] = if model.text.tie_word_embeddings { &["lm_head.weight"] } else { &[] };
             Model::QwenVl(fill(model.init(device), &files, &sources, tied, device)?)
         }
+        FamilyConfig::Llava(checkpoint) => {
+            let model = &checkpoint.model;
+            let layers = model.vision.num_hidden_layers() as u128 + model.text.num_hidden_layers as u128;
+            check_size(model.min_parameters(), layers, &files, &config_path)?;
+            let mut ignored = layout::llava::IGNORED.to_vec();
+            if model.text.tie_word_embeddings {
+                ignored.extend(["language_model.lm_head.weight", "lm_head.weight"]);
+            }
+            Model::Llava(fill(model.init(device), &files, &layout::llava::sources, &ignored, device)?)
+        }
     };
     Ok((config, model))
 }
@@ -53,7 +63,7 @@ pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, I
     let (config, model) = load(dir, device)?;
     match model {
         Model::InternVl(model) => Ok((config, model)),
-        Model::QwenVl(_) => Err(Error::UnsupportedArchitecture {
+        Model::QwenVl(_) | Model::Llava(_) => Err(Error::UnsupportedArchitecture {
             path: dir.join("config.json"),
             architectures: vec![format!("{:?}", config.architecture)],
             supported: "InternVL-family architectures (use loader::load for any family)".into(),

@@ -4,12 +4,14 @@
 //! lives in its folder.
 
 pub mod internvl;
+pub mod llava;
 pub mod qwen_vl;
 
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 pub use internvl::{InternVlConfig, InternVlModel, InternVlVariant};
+pub use llava::{LlavaConfig, LlavaModel};
 pub use qwen_vl::{QwenVlConfig, QwenVlModel, QwenVlVariant};
 
 use crate::error::{Error, Result};
@@ -19,9 +21,12 @@ use crate::vision::qwen_grid::VisualGrid;
 
 /// Pixels for one forward pass, laid out as the family's vision tower takes them.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Pixels {
     /// Normalised tiles `[tiles, 3, size, size]` of every image, in prompt order (InternVL).
     Tiles(Tensor<4>),
+    /// Normalised images at their own sizes, `[3, height, width]` each, in prompt order (Pixtral).
+    Images(Vec<Tensor<3>>),
     /// Flattened patches `[patches, channels * temporal * patch^2]` of every image and video, in
     /// prompt order, each in merge-block order (Qwen-VL).
     Patches {
@@ -45,13 +50,24 @@ impl Pixels {
     /// Joins the pixels of several prompts of one batch, in row order.
     pub fn cat(parts: Vec<Pixels>) -> Result<Option<Pixels>> {
         let Some(first) = parts.first() else { return Ok(None) };
+        let mixed = || Error::Input("pixels of different layouts in one batch".into());
         match first {
             Pixels::Tiles(_) => {
                 let tiles = parts.into_iter().map(|part| match part {
                     Pixels::Tiles(tiles) => Ok(tiles),
-                    Pixels::Patches { .. } => Err(Error::Input("tiles and patches in one batch".into())),
+                    _ => Err(mixed()),
                 });
                 Ok(Some(Pixels::Tiles(Tensor::cat(tiles.collect::<Result<_>>()?, 0))))
+            }
+            Pixels::Images(_) => {
+                let mut images = Vec::new();
+                for part in parts {
+                    match part {
+                        Pixels::Images(part) => images.extend(part),
+                        _ => return Err(mixed()),
+                    }
+                }
+                Ok(Some(Pixels::Images(images)))
             }
             Pixels::Patches { .. } => {
                 let mut values = Vec::with_capacity(parts.len());
@@ -62,7 +78,7 @@ impl Pixels {
                             values.push(v);
                             visuals.extend(g);
                         }
-                        Pixels::Tiles(_) => return Err(Error::Input("tiles and patches in one batch".into())),
+                        _ => return Err(mixed()),
                     }
                 }
                 Ok(Some(Pixels::Patches { values: Tensor::cat(values, 0), visuals }))
@@ -84,11 +100,14 @@ pub struct ModelInputs {
 /// A vision-language model of any supported family: what [`crate::Vlm`], the generator and the
 /// loader work with. A burn `Module`, so loading, mapping and quantization see the whole model.
 #[derive(Module, Debug)]
+#[non_exhaustive]
 pub enum Model {
     /// InternVL 2 / 2.5 / 3 and NVLM-D.
     InternVl(InternVlModel),
     /// Qwen2.5-VL and Qwen3-VL (NVIDIA's Cosmos-Reason1 and Cosmos-Reason2).
     QwenVl(QwenVlModel),
+    /// The Llava layout: Pixtral-12B and LLaVA-1.5.
+    Llava(LlavaModel),
 }
 
 impl Model {
@@ -101,6 +120,7 @@ impl Model {
         match self {
             Model::InternVl(model) => model.forward_embeds(model.embed_inputs(inputs)?, cache),
             Model::QwenVl(model) => model.hidden_states(inputs, cache),
+            Model::Llava(model) => model.hidden_states(inputs, cache),
         }
     }
 
@@ -113,6 +133,7 @@ impl Model {
         match self {
             Model::InternVl(model) => model.logits(hidden),
             Model::QwenVl(model) => model.logits(hidden),
+            Model::Llava(model) => model.logits(hidden),
         }
     }
 
@@ -135,6 +156,7 @@ impl Model {
         match self {
             Model::InternVl(model) => &model.config().text,
             Model::QwenVl(model) => &model.config().text,
+            Model::Llava(model) => &model.config().text,
         }
     }
 
@@ -143,6 +165,7 @@ impl Model {
         match self {
             Model::InternVl(model) => model.config().image_token_id.into_iter().collect(),
             Model::QwenVl(model) => vec![model.config().image_token_id, model.config().video_token_id],
+            Model::Llava(model) => vec![model.config().image_token_id],
         }
     }
 
@@ -151,6 +174,7 @@ impl Model {
         match self {
             Model::InternVl(model) => model.language_model.device(),
             Model::QwenVl(model) => model.language_model.device(),
+            Model::Llava(model) => model.language_model.device(),
         }
     }
 
@@ -166,6 +190,14 @@ impl Model {
     pub fn as_qwen_vl(&self) -> Option<&QwenVlModel> {
         match self {
             Model::QwenVl(model) => Some(model),
+            _ => None,
+        }
+    }
+
+    /// The Llava-layout model (Pixtral, LLaVA), if this is one.
+    pub fn as_llava(&self) -> Option<&LlavaModel> {
+        match self {
+            Model::Llava(model) => Some(model),
             _ => None,
         }
     }

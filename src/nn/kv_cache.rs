@@ -18,6 +18,8 @@ pub struct KvCache {
     left_padding: Vec<usize>,
     /// Added to each row's token count to give its position (the "rope delta").
     position_offsets: Vec<i64>,
+    /// Mistral's sliding window: a query sees at most this many keys, itself included.
+    sliding_window: Option<usize>,
     capacity: usize,
     len: usize,
     kv_heads: usize,
@@ -32,11 +34,19 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             left_padding: vec![0; batch],
             position_offsets: vec![0; batch],
+            sliding_window: None,
             capacity,
             len: 0,
             kv_heads,
             head_dim,
         }
+    }
+
+    /// Lets each query see only the `window` most recent keys, itself included (Mistral's
+    /// `sliding_window`).
+    pub fn with_sliding_window(mut self, window: Option<usize>) -> Self {
+        self.sliding_window = window.filter(|&window| window > 0);
+        self
     }
 
     /// Declares how many padding tokens each row starts with (prompts of different lengths,
@@ -168,22 +178,26 @@ impl KvCache {
     }
 
     /// The mask for the next `seq_len` queries against all keys up to and including them:
-    /// causal, and padding keys hidden. A padding query still sees itself, so no row of the
-    /// softmax is empty. `None` when nothing needs hiding (one new token, no padding).
+    /// causal, padding keys hidden, and with a sliding window, keys `window` or more tokens back
+    /// hidden. A padding query still sees itself, so no row of the softmax is empty. `None` when
+    /// nothing needs hiding (one new token, no padding, inside the window).
     ///
     /// # Shapes
     /// - output: `[batch, 1, seq_len, len + seq_len]`
     pub fn mask(&self, seq_len: usize, device: &Device) -> Option<Tensor<4, Bool>> {
         let has_padding = self.left_padding.iter().any(|&pad| pad > 0);
-        if seq_len == 1 && !has_padding {
+        let total = self.len + seq_len;
+        let window = self.sliding_window.unwrap_or(usize::MAX);
+        if seq_len == 1 && !has_padding && total <= window {
             return None;
         }
-        let total = self.len + seq_len;
         let mut hidden = Vec::with_capacity(self.batch_size() * seq_len * total);
         for &pad in &self.left_padding {
             for query in 0..seq_len {
                 let slot = self.len + query;
-                hidden.extend((0..total).map(|key| key > slot || (key < pad && key != slot)));
+                hidden.extend(
+                    (0..total).map(|key| key > slot || (key < pad && key != slot) || slot - key.min(slot) >= window),
+                );
             }
         }
         let data = TensorData::new(hidden, [self.batch_size(), 1, seq_len, total]);
@@ -314,6 +328,16 @@ mod tests {
         assert_eq!(k.into_data().try_to_vec::<f32>().unwrap(), vec![2.0, 2.0, 9.0, 9.0, 0.0, 0.0, 9.0, 9.0]);
         assert!(cache.retain_rows(&[2]).is_err());
         assert!(cache.retain_rows(&[]).is_err());
+    }
+
+    #[test]
+    fn a_sliding_window_hides_keys_that_far_back() {
+        let mut cache = KvCache::new(1, 1, 1, 2, 8).with_sliding_window(Some(2));
+        let (t, f) = (true, false);
+        assert_eq!(mask_rows(&cache, 3), vec![f, t, t, f, f, t, t, f, f]);
+        cache.advance(3);
+        // One new token still needs a mask once keys fall out of the window.
+        assert_eq!(mask_rows(&cache, 1), vec![t, t, f, f]);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum Activation {
     Silu,
     /// The exact, erf-based GELU (`"gelu"`).
     Gelu,
+    /// `x * sigmoid(1.702 x)` (`"quick_gelu"`, CLIP).
+    QuickGelu,
     /// GELU's tanh approximation (`"gelu_pytorch_tanh"`, also `"gelu_new"`):
     /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
     #[serde(alias = "gelu_new")]
@@ -28,6 +30,7 @@ impl Activation {
         match self {
             Activation::Silu => silu(x),
             Activation::Gelu => gelu(x),
+            Activation::QuickGelu => x.clone() * burn::tensor::activation::sigmoid(x * 1.702),
             Activation::GeluPytorchTanh => {
                 let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
                 x * (inner.tanh() + 1.0) * 0.5

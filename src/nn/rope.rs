@@ -222,6 +222,30 @@ impl RotaryEmbedding {
     }
 }
 
+/// Cosines and sines of a 2D (axial) rotary embedding for the vision towers, `[patches, 1,
+/// 2 * (row_freqs + col_freqs)]` in f32: each patch's row turns `row_freqs`, its column
+/// `col_freqs`, and the half repeats (rotate-half convention).
+pub(crate) fn axial_tables(
+    positions: &[[usize; 2]],
+    row_freqs: &[f32],
+    col_freqs: &[f32],
+    device: &Device,
+) -> (Tensor<3>, Tensor<3>) {
+    let width = 2 * (row_freqs.len() + col_freqs.len());
+    let mut cos = Vec::with_capacity(positions.len() * width);
+    let mut sin = Vec::with_capacity(positions.len() * width);
+    for &[row, col] in positions {
+        let angles: Vec<f32> =
+            row_freqs.iter().map(|&f| row as f32 * f).chain(col_freqs.iter().map(|&f| col as f32 * f)).collect();
+        for _half in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos()));
+            sin.extend(angles.iter().map(|a| a.sin()));
+        }
+    }
+    let shape = [positions.len(), 1, width];
+    (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,7 +59,8 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_function("strftime_now", |format: String| strftime_today(&format));
-        env.add_template_owned("chat", source).map_err(|e| Error::Template(e.to_string()))?;
+        env.add_template_owned("chat", without_generation_blocks(&source))
+            .map_err(|e| Error::Template(e.to_string()))?;
         Ok(Self { env })
     }
 
@@ -80,6 +81,34 @@ impl ChatTemplate {
         };
         template.render(context).map_err(|e| Error::Template(format!("{e:#}")))
     }
+}
+
+/// transformers' `{% generation %}` … `{% endgeneration %}` (which marks the assistant's tokens
+/// for training masks and renders its body unchanged) as an always-true `if`, so whitespace
+/// control and `trim_blocks` apply exactly as around the original tags.
+fn without_generation_blocks(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at + 2]);
+        rest = &rest[at + 2..];
+        let marker = rest.len() - rest.trim_start_matches(['-', '+']).len();
+        let body = rest[marker..].trim_start();
+        let keyword = ["endgeneration", "generation"].into_iter().find(|keyword| {
+            body.strip_prefix(keyword).is_some_and(|after| {
+                let after = after.trim_start();
+                after.starts_with("%}") || after.starts_with("-%}") || after.starts_with("+%}")
+            })
+        });
+        if let Some(keyword) = keyword {
+            out.push_str(&rest[..marker]);
+            out.push_str(if keyword == "generation" { " if true " } else { " endif " });
+            let after = body[keyword.len()..].trim_start();
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Today's date (UTC) in a `strftime` format, for templates that print it (`%Y %m %d %B %b`).
@@ -138,6 +167,22 @@ fn template_source(value: Option<&serde_json::Value>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_blocks_render_their_body_with_the_same_whitespace() {
+        assert_eq!(
+            without_generation_blocks("a{% generation %}\nb{%- endgeneration -%} c{%generation%}"),
+            "a{% if true %}\nb{%- endif -%} c{% if true %}"
+        );
+        let template = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}:{% generation %}\n{{ m.content }}{% endgeneration %}\n|{% endfor %}"
+                .into(),
+        )
+        .unwrap();
+        let message = TemplateMessage { role: "assistant".into(), content: "hi".into() };
+        // trim_blocks removes the newline after each tag, as jinja2 does around transformers' tags.
+        assert_eq!(template.render(&[message], false, None, None).unwrap(), "assistant:hi|");
+    }
 
     fn user(text: &str) -> TemplateMessage {
         TemplateMessage { role: "user".into(), content: serde_json::Value::String(text.into()) }

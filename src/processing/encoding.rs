@@ -9,6 +9,7 @@ use crate::vision::qwen_grid::VisualGrid;
 
 /// How one image of a prompt was cut up for the vision tower.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Visual {
     /// InternVL: `tiles` square tiles of `size` pixels (a grid, then a thumbnail if any).
     Tiles {
@@ -32,6 +33,15 @@ pub enum Visual {
         /// For a video, its frames and their rate.
         video: Option<VideoTiming>,
     },
+    /// Pixtral: the image resized to `height x width` pixels (multiples of the patch), whole.
+    Image {
+        /// Height in pixels.
+        height: usize,
+        /// Width in pixels.
+        width: usize,
+        /// Image tokens it fills in the prompt (one per patch).
+        tokens: usize,
+    },
 }
 
 /// The timing of a video's frames.
@@ -51,13 +61,14 @@ impl Visual {
         match *self {
             Visual::Tiles { tiles, size, .. } => tiles * 3 * size * size,
             Visual::Patches { grid, patch_values, .. } => grid.patches() * patch_values,
+            Visual::Image { height, width, .. } => 3 * height * width,
         }
     }
 
     /// Image tokens it fills in the prompt.
     pub fn tokens(&self) -> usize {
         match *self {
-            Visual::Tiles { tokens, .. } | Visual::Patches { tokens, .. } => tokens,
+            Visual::Tiles { tokens, .. } | Visual::Patches { tokens, .. } | Visual::Image { tokens, .. } => tokens,
         }
     }
 }
@@ -68,8 +79,8 @@ pub struct Encoding {
     /// Token ids, image tokens included.
     pub input_ids: Vec<u32>,
     /// The pixel values of every image, in prompt order, as [`visuals`](Self::visuals) lays
-    /// them out (InternVL: `[tiles, 3, size, size]`; Qwen-VL: `[patches, 3 x temporal x patch^2]`;
-    /// normalised).
+    /// them out (InternVL, LLaVA: `[tiles, 3, size, size]`; Qwen-VL: `[patches, 3 x temporal x
+    /// patch^2]`; Pixtral: `[3, height, width]` per image; normalised).
     pub pixel_values: Vec<f32>,
     /// How each image was cut up, in prompt order.
     pub visuals: Vec<Visual>,
@@ -102,10 +113,21 @@ impl Encoding {
                         Visual::Patches { grid, video, .. } => {
                             Some(PatchGrid { grid, video_seconds_per_patch: video.map(|v| v.seconds_per_patch) })
                         }
-                        Visual::Tiles { .. } => None,
+                        Visual::Tiles { .. } | Visual::Image { .. } => None,
                     })
                     .collect();
                 Some(Pixels::Patches { values: Tensor::from_data(data, device), visuals })
+            }
+            Visual::Image { .. } => {
+                let mut start = 0;
+                let mut images = Vec::with_capacity(self.visuals.len());
+                for visual in &self.visuals {
+                    let Visual::Image { height, width, .. } = *visual else { return None };
+                    let values = self.pixel_values[start..start + visual.values()].to_vec();
+                    start += visual.values();
+                    images.push(Tensor::from_data(TensorData::new(values, [3, height, width]), device));
+                }
+                Some(Pixels::Images(images))
             }
         }
     }

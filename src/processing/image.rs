@@ -230,6 +230,26 @@ pub struct Normalization {
     pub std: [f32; 3],
 }
 
+/// `image_mean`, `image_std` and `rescale_factor` as image processor files write them (each
+/// optional).
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+pub(crate) struct NormalizationJson {
+    image_mean: Option<[f32; 3]>,
+    image_std: Option<[f32; 3]>,
+    rescale_factor: Option<f32>,
+}
+
+impl NormalizationJson {
+    /// The file's values, `defaults` for those it leaves out.
+    pub(crate) fn or(self, defaults: Normalization) -> Normalization {
+        Normalization {
+            rescale_factor: self.rescale_factor.unwrap_or(defaults.rescale_factor),
+            mean: self.image_mean.unwrap_or(defaults.mean),
+            std: self.image_std.unwrap_or(defaults.std),
+        }
+    }
+}
+
 impl Normalization {
     /// ImageNet statistics, used by every InternVL checkpoint.
     pub const IMAGENET: Self =

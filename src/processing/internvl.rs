@@ -6,11 +6,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::image::{AlphaMode, Image, Normalization};
+use super::image::{AlphaMode, Image, Normalization, NormalizationJson};
 use super::prompt::ImagePlaceholders;
 use super::tiling::{self, TilingConfig};
 use super::tokenizer::Tokenizer;
-use super::{ProcessOptions, Visual, read_image_processor};
+use super::{ProcessOptions, Visual, image_processor_json};
 use crate::error::{Error, Result};
 use crate::models::InternVlVariant;
 use crate::models::internvl::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
@@ -36,16 +36,9 @@ impl InternVlImages {
     /// Reads the image settings of an InternVL-family checkpoint directory.
     pub fn from_dir(dir: &Path, checkpoint: &InternVlCheckpoint, tokenizer: &Tokenizer) -> Result<Self> {
         let model = &checkpoint.model;
-        let json: ImageProcessorJson = match read_image_processor(dir)? {
-            Some((path, value)) => serde_json::from_value(value).map_err(|source| Error::Json { path, source })?,
-            None => ImageProcessorJson::default(),
-        };
+        let (_, json): (_, ImageProcessorJson) = image_processor_json(dir)?;
         let vision_size = model.vision.image_size as u32;
-        let normalization = Normalization {
-            rescale_factor: json.rescale_factor.unwrap_or(1.0 / 255.0),
-            mean: json.image_mean.unwrap_or(Normalization::IMAGENET.mean),
-            std: json.image_std.unwrap_or(Normalization::IMAGENET.std),
-        };
+        let normalization = json.normalization.or(Normalization::IMAGENET);
         let (placeholders, tiling, alpha) = match checkpoint.layout {
             CheckpointLayout::Transformers => {
                 let extra = tokenizer_extra_tokens(dir)?;
@@ -172,7 +165,7 @@ impl InternVlImages {
             .iter()
             .map(|visual| match visual {
                 Visual::Tiles { tiles, .. } => Ok(*tiles),
-                Visual::Patches { .. } => Err(Error::Input("an InternVL processor planned patches".into())),
+                _ => Err(Error::Input("an InternVL processor planned patches".into())),
             })
             .collect::<Result<Vec<usize>>>()?;
         self.placeholders.expand(rendered, &tiles, self.tokens_per_tile)
@@ -205,9 +198,8 @@ struct ImageProcessorJson {
     size: Option<SizeJson>,
     min_patches: Option<usize>,
     max_patches: Option<usize>,
-    image_mean: Option<[f32; 3]>,
-    image_std: Option<[f32; 3]>,
-    rescale_factor: Option<f32>,
+    #[serde(flatten)]
+    normalization: NormalizationJson,
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,9 @@ pub mod chat;
 pub mod encoding;
 pub mod image;
 pub mod internvl;
+pub mod llava;
 pub mod message;
+pub mod pixtral;
 pub mod prompt;
 pub mod qwen_vl;
 mod sentencepiece;
@@ -22,7 +24,9 @@ pub use self::chat::{ChatTemplate, TemplateMessage};
 pub use self::encoding::{Encoding, VideoTiming, Visual};
 pub use self::image::{AlphaMode, Image, ImageLimits, Normalization};
 pub use self::internvl::InternVlImages;
+pub use self::llava::LlavaImages;
 pub use self::message::{Content, Media, Message, Role};
+pub use self::pixtral::PixtralImages;
 pub use self::prompt::ImagePlaceholders;
 pub use self::qwen_vl::QwenVlImages;
 pub use self::tiling::{Grid, TilingConfig};
@@ -30,14 +34,20 @@ pub use self::tokenizer::Tokenizer;
 pub use self::video::Video;
 use crate::config::{CheckpointConfig, FamilyConfig};
 use crate::error::{Error, Result};
+use crate::models::llava::LlavaVisionConfig;
 
 /// The family-specific part of a processor: how images become pixel values and prompt text.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum ImageProcessor {
     /// InternVL and NVLM-D: dynamic tiles.
     InternVl(InternVlImages),
     /// Qwen2.5-VL and Qwen3-VL: patches of a size-preserving resize.
     QwenVl(QwenVlImages),
+    /// Pixtral: each image whole, at its own size.
+    Pixtral(PixtralImages),
+    /// LLaVA-1.5: one centre crop per image.
+    Llava(LlavaImages),
 }
 
 impl ImageProcessor {
@@ -46,6 +56,10 @@ impl ImageProcessor {
         match &checkpoint.family {
             FamilyConfig::InternVl(internvl) => Ok(Self::InternVl(InternVlImages::from_dir(dir, internvl, tokenizer)?)),
             FamilyConfig::QwenVl(qwen) => Ok(Self::QwenVl(QwenVlImages::from_dir(dir, qwen, tokenizer)?)),
+            FamilyConfig::Llava(llava) => match llava.model.vision {
+                LlavaVisionConfig::Pixtral(_) => Ok(Self::Pixtral(PixtralImages::from_dir(dir, llava, tokenizer)?)),
+                LlavaVisionConfig::Clip(_) => Ok(Self::Llava(LlavaImages::from_dir(dir, llava, tokenizer)?)),
+            },
         }
     }
 
@@ -54,8 +68,15 @@ impl ImageProcessor {
     fn structured_content(&self) -> bool {
         match self {
             ImageProcessor::InternVl(images) => images.placeholders.structured_content(),
-            ImageProcessor::QwenVl(_) => true,
+            ImageProcessor::QwenVl(_) | ImageProcessor::Pixtral(_) | ImageProcessor::Llava(_) => true,
         }
+    }
+
+    /// Whether a message without images or videos reaches the template as one string even where
+    /// others are structured: Pixtral's template concatenates system and assistant contents as
+    /// strings.
+    fn text_only_as_string(&self) -> bool {
+        matches!(self, ImageProcessor::Pixtral(_))
     }
 
     /// What the `index`-th (0-based) of `count` images writes into a string message.
@@ -63,23 +84,18 @@ impl ImageProcessor {
         match self {
             ImageProcessor::InternVl(images) => images.placeholders.marker_text(index, count),
             ImageProcessor::QwenVl(images) => images.image_token.clone(),
+            ImageProcessor::Pixtral(images) => images.image_token.clone(),
+            ImageProcessor::Llava(images) => images.image_token.clone(),
         }
     }
 
     /// How each image or video is cut up, from its size alone (no pixel is touched).
     fn plan(&self, media: &[Media], options: &ProcessOptions) -> Result<Vec<Visual>> {
         match self {
-            ImageProcessor::InternVl(internvl) => {
-                let images = media
-                    .iter()
-                    .map(|item| match item {
-                        Media::Image(image) => Ok(*image),
-                        Media::Video(_) => Err(Error::Input("InternVL checkpoints take images, not videos".into())),
-                    })
-                    .collect::<Result<Vec<&Image>>>()?;
-                internvl.plan(&images, options)
-            }
+            ImageProcessor::InternVl(internvl) => internvl.plan(&still_images(media, "InternVL")?, options),
             ImageProcessor::QwenVl(qwen) => qwen.plan(media, options),
+            ImageProcessor::Pixtral(pixtral) => pixtral.plan(&still_images(media, "Pixtral")?),
+            ImageProcessor::Llava(llava) => llava.plan(&still_images(media, "LLaVA")?),
         }
     }
 
@@ -88,6 +104,8 @@ impl ImageProcessor {
         match self {
             ImageProcessor::InternVl(internvl) => internvl.expand(rendered, visuals),
             ImageProcessor::QwenVl(qwen) => qwen.expand(rendered, visuals),
+            ImageProcessor::Pixtral(pixtral) => pixtral.expand(rendered, visuals),
+            ImageProcessor::Llava(llava) => llava.expand(rendered, visuals),
         }
     }
 
@@ -96,6 +114,8 @@ impl ImageProcessor {
         match self {
             ImageProcessor::InternVl(internvl) => vec![internvl.image_token_id],
             ImageProcessor::QwenVl(qwen) => vec![qwen.image_token_id, qwen.video_token_id],
+            ImageProcessor::Pixtral(pixtral) => vec![pixtral.image_token_id],
+            ImageProcessor::Llava(llava) => vec![llava.image_token_id],
         }
     }
 
@@ -103,18 +123,24 @@ impl ImageProcessor {
     fn pixel_values(&self, media: &[Media], visuals: &[Visual], options: &ProcessOptions) -> Result<Vec<f32>> {
         match self {
             ImageProcessor::InternVl(internvl) => {
-                let images: Vec<&Image> = media
-                    .iter()
-                    .filter_map(|item| match item {
-                        Media::Image(image) => Some(*image),
-                        Media::Video(_) => None,
-                    })
-                    .collect();
-                internvl.pixel_values(&images, visuals, options)
+                internvl.pixel_values(&still_images(media, "InternVL")?, visuals, options)
             }
             ImageProcessor::QwenVl(qwen) => qwen.pixel_values(media, visuals),
+            ImageProcessor::Pixtral(pixtral) => pixtral.pixel_values(&still_images(media, "Pixtral")?, visuals),
+            ImageProcessor::Llava(llava) => llava.pixel_values(&still_images(media, "LLaVA")?),
         }
     }
+}
+
+/// The images of a family that takes no videos.
+fn still_images<'a>(media: &[Media<'a>], family: &str) -> Result<Vec<&'a Image>> {
+    media
+        .iter()
+        .map(|item| match item {
+            Media::Image(image) => Ok(*image),
+            Media::Video(_) => Err(Error::Input(format!("{family} checkpoints take images, not videos"))),
+        })
+        .collect()
 }
 
 /// Per-call settings.
@@ -215,7 +241,7 @@ impl Processor {
             return Err(Error::ContextOverflow { requested: features, limit: self.max_context });
         }
         let text = self.images.expand(&prompt, &visuals)?;
-        let input_ids = self.tokenizer.encode(&text)?;
+        let input_ids = self.tokenizer.encode_prompt(&text)?;
         if input_ids.len() > self.max_context {
             return Err(Error::ContextOverflow { requested: input_ids.len(), limit: self.max_context });
         }
@@ -269,9 +295,12 @@ impl Processor {
             .iter()
             .map(|message| {
                 let parts = ordered_parts(message, options.images_first);
-                let content = if self.images.structured_content() {
+                let text_only = message.media().next().is_none();
+                let content = if self.images.structured_content() && !(text_only && self.images.text_only_as_string()) {
+                    // Text parts carry both spellings: "text" (transformers' convention) and
+                    // "content" (which Pixtral's template reads).
                     let parts = parts.iter().map(|part| match part {
-                        Content::Text(text) => serde_json::json!({"type": "text", "text": text}),
+                        Content::Text(text) => serde_json::json!({"type": "text", "text": text, "content": text}),
                         Content::Image(_) => serde_json::json!({"type": "image"}),
                         Content::Video(_) => serde_json::json!({"type": "video"}),
                     });
@@ -296,6 +325,27 @@ impl Processor {
         let (bos, eos) = (self.tokenizer.bos_token(), self.tokenizer.eos_token());
         self.template.render(&rendered, options.add_generation_prompt, bos, eos)
     }
+}
+
+/// The image processor's settings of a checkpoint parsed as `T` (its defaults when the checkpoint
+/// has none), with the file they came from (or would have).
+pub(crate) fn image_processor_json<T: serde::de::DeserializeOwned + Default>(dir: &Path) -> Result<(PathBuf, T)> {
+    match read_image_processor(dir)? {
+        Some((path, value)) => {
+            let json = serde_json::from_value(value).map_err(|source| Error::Json { path: path.clone(), source })?;
+            Ok((path, json))
+        }
+        None => Ok((dir.join("preprocessor_config.json"), T::default())),
+    }
+}
+
+/// A JSON file of the checkpoint parsed as `T`, or `T::default()` when the file is absent.
+pub(crate) fn optional_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T> {
+    if !path.exists() {
+        return Ok(T::default());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
 /// The image processor's settings of a checkpoint: `preprocessor_config.json`, or the

@@ -12,10 +12,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::encoding::VideoTiming;
-use super::image::{AlphaMode, Image, Normalization, resize};
+use super::image::{AlphaMode, Image, Normalization, NormalizationJson, resize};
 use super::message::Media;
 use super::video::Video;
-use super::{ProcessOptions, Visual, read_image_processor};
+use super::{ProcessOptions, Visual, image_processor_json, optional_json};
 use crate::error::{Error, Result};
 use crate::models::QwenVlVariant;
 use crate::models::qwen_vl::QwenVlCheckpoint;
@@ -64,9 +64,8 @@ struct ImageProcessorJson {
     patch_size: Option<usize>,
     merge_size: Option<usize>,
     temporal_patch_size: Option<usize>,
-    image_mean: Option<[f32; 3]>,
-    image_std: Option<[f32; 3]>,
-    rescale_factor: Option<f32>,
+    #[serde(flatten)]
+    normalization: NormalizationJson,
 }
 
 /// In transformers 5 the `size` keys are pixel counts, not edge lengths.
@@ -79,22 +78,10 @@ struct SizeJson {
 impl QwenVlImages {
     /// Reads the image and video settings of a Qwen-VL checkpoint directory.
     pub fn from_dir(dir: &Path, checkpoint: &QwenVlCheckpoint, tokenizer: &super::Tokenizer) -> Result<Self> {
-        let (path, json): (_, ImageProcessorJson) = match read_image_processor(dir)? {
-            Some((path, value)) => {
-                let json =
-                    serde_json::from_value(value).map_err(|source| Error::Json { path: path.clone(), source })?;
-                (path, json)
-            }
-            None => (dir.join("preprocessor_config.json"), ImageProcessorJson::default()),
-        };
+        let (path, json): (_, ImageProcessorJson) = image_processor_json(dir)?;
         // transformers falls back to the image processor's file when there is no video one.
         let video_path = dir.join("video_preprocessor_config.json");
-        let video: Option<ImageProcessorJson> = if video_path.exists() {
-            let text = std::fs::read_to_string(&video_path).map_err(|e| Error::io(&video_path, e))?;
-            Some(serde_json::from_str(&text).map_err(|source| Error::Json { path: video_path.clone(), source })?)
-        } else {
-            None
-        };
+        let video: Option<ImageProcessorJson> = optional_json(&video_path)?;
         let vision = &checkpoint.model.vision;
         let budget = |json: &ImageProcessorJson, default: (u64, u64)| {
             let size = json.size.as_ref();
@@ -113,11 +100,7 @@ impl QwenVlImages {
             // `min_pixels` / `max_pixels` override `size`, as in the processor's __init__.
             min_pixels,
             max_pixels,
-            normalization: Normalization {
-                rescale_factor: json.rescale_factor.unwrap_or(1.0 / 255.0),
-                mean: json.image_mean.unwrap_or(Normalization::OPENAI_CLIP.mean),
-                std: json.image_std.unwrap_or(Normalization::OPENAI_CLIP.std),
-            },
+            normalization: json.normalization.or(Normalization::OPENAI_CLIP),
             image_token: "<|image_pad|>".into(),
             image_token_id: checkpoint.model.image_token_id,
             video_token: "<|video_pad|>".into(),

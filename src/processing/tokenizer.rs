@@ -121,6 +121,15 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of a rendered prompt, as transformers' processors tokenize a chat template's
+    /// output: the tokenizer's own special tokens (a `<s>` its post-processor adds, as Llama's
+    /// does) are added unless the prompt already starts with the BOS token.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        let starts_with_bos = self.bos_token.as_deref().is_some_and(|bos| !bos.is_empty() && prompt.starts_with(bos));
+        let encoding = self.inner.encode(prompt, !starts_with_bos).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Text of `ids`, without special tokens when `skip_special_tokens`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))

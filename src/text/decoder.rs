@@ -42,6 +42,8 @@ pub struct TextConfig {
     pub mrope: Option<MultimodalRope>,
     /// Qwen3's RMSNorm over each head of q and k, before RoPE.
     pub qk_norm: bool,
+    /// Mistral's sliding window: each token attends to at most this many (itself included).
+    pub sliding_window: Option<usize>,
     /// Longest sequence the model was trained for.
     pub max_position_embeddings: usize,
     /// Biases on the q, k and v projections (Qwen2: yes; Llama: `attention_bias`).
@@ -72,6 +74,7 @@ impl TextConfig {
             rope_scaling: RopeScaling::None,
             mrope: None,
             qk_norm: false,
+            sliding_window: None,
             max_position_embeddings: 512,
             qkv_bias: true,
             o_bias: false,
@@ -153,6 +156,7 @@ impl TextConfig {
     /// An empty KV cache for `batch` sequences of up to `capacity` tokens.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         KvCache::new(self.num_hidden_layers, batch, self.num_key_value_heads, self.head_dim, capacity)
+            .with_sliding_window(self.sliding_window)
     }
 }
 

@@ -1,8 +1,12 @@
 //! Vision encoders.
 
+pub mod clip;
 pub mod intern_vit;
+pub mod pixtral;
 pub mod qwen_grid;
 pub mod qwen_vit;
 
+pub use clip::{ClipVision, ClipVisionConfig};
 pub use intern_vit::{InternVit, InternVitConfig};
+pub use pixtral::{PixtralVision, PixtralVisionConfig};
 pub use qwen_vit::{QwenVisionConfig, QwenVisionTransformer};

@@ -11,7 +11,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::qwen_grid::{self, VisualGrid};
 use crate::error::{Error, Result};
-use crate::nn::rope::rotate_half;
+use crate::nn::rope::{axial_tables, rotate_half};
 use crate::nn::{
     Activation, GatedMlp, GatedMlpConfig, Linear, LinearConfig, Norm, NormConfig, NormKind, segment_attention,
 };
@@ -281,18 +281,7 @@ fn rotary_tables(positions: &[[usize; 2]], head_dim: usize, device: &Device) -> 
     let spatial = head_dim / 2;
     let inv_freq: Vec<f32> =
         (0..spatial).step_by(2).map(|i| 1.0 / ROPE_THETA.powf(i as f32 / spatial as f32)).collect();
-    let mut cos = Vec::with_capacity(positions.len() * head_dim);
-    let mut sin = Vec::with_capacity(positions.len() * head_dim);
-    for &[row, col] in positions {
-        let angles: Vec<f32> =
-            inv_freq.iter().map(|&f| row as f32 * f).chain(inv_freq.iter().map(|&f| col as f32 * f)).collect();
-        for _half in 0..2 {
-            cos.extend(angles.iter().map(|a| a.cos()));
-            sin.extend(angles.iter().map(|a| a.sin()));
-        }
-    }
-    let shape = [positions.len(), 1, head_dim];
-    (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
+    axial_tables(positions, &inv_freq, &inv_freq, device)
 }
 
 /// Holds the patch projection under the checkpoint's name.

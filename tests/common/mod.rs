@@ -107,6 +107,29 @@ impl Scratch {
         std::fs::write(self.path(file), serde_json::to_string_pretty(&value).unwrap()).unwrap();
     }
 
+    /// Splits `model.safetensors` into `shards` files with a `model.safetensors.index.json`, as
+    /// `save_pretrained` writes large checkpoints.
+    pub fn shard(&self, shards: usize) {
+        let bytes = std::fs::read(self.path("model.safetensors")).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = file.names().into_iter().map(String::from).collect();
+        names.sort();
+        let per_shard = names.len().div_ceil(shards);
+        let mut weight_map = serde_json::Map::new();
+        for (index, chunk) in names.chunks(per_shard).enumerate() {
+            let shard = format!("model-{:05}-of-{shards:05}.safetensors", index + 1);
+            let views: Vec<(String, TensorView)> =
+                chunk.iter().map(|name| (name.clone(), file.tensor(name).unwrap())).collect();
+            std::fs::write(self.path(&shard), safetensors::serialize(views, None).unwrap()).unwrap();
+            for name in chunk {
+                weight_map.insert(name.clone(), shard.clone().into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {"total_size": bytes.len()}, "weight_map": weight_map});
+        std::fs::write(self.path("model.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::remove_file(self.path("model.safetensors")).unwrap();
+    }
+
     /// Changes the f32 values of one tensor of `model.safetensors`.
     pub fn edit_floats(&self, name: &str, edit: impl FnOnce(&[usize], &mut Vec<f32>)) {
         self.edit_weights(|tensors| {
@@ -118,6 +141,83 @@ impl Scratch {
             *data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         });
     }
+}
+
+/// One prompt (`<name>.<tensor>`) of a reference file.
+pub struct Case<'a> {
+    pub reference: &'a Reference,
+    pub name: &'a str,
+}
+
+impl Case<'_> {
+    pub fn key(&self, tensor: &str) -> String {
+        format!("{}.{tensor}", self.name)
+    }
+
+    pub fn has(&self, tensor: &str) -> bool {
+        self.reference.has(&self.key(tensor))
+    }
+
+    pub fn ids(&self, tensor: &str) -> Vec<Vec<u32>> {
+        self.reference.ids(&self.key(tensor))
+    }
+
+    pub fn floats(&self, tensor: &str) -> (Vec<usize>, Vec<f32>) {
+        self.reference.floats(&self.key(tensor))
+    }
+
+    pub fn ints(&self, tensor: &str) -> (Vec<usize>, Vec<i64>) {
+        self.reference.ints(&self.key(tensor))
+    }
+
+    /// Left padding of each row, from the attention mask.
+    pub fn padding(&self) -> Vec<usize> {
+        self.ids("attention_mask").iter().map(|row| row.iter().take_while(|&&m| m == 0).count()).collect()
+    }
+}
+
+/// Runs the prompt of `case` and then each of transformers' greedy tokens through `logits_of`
+/// (which appends to the cache), checking the prompt logits where the reference stores them,
+/// every step's logits within `tolerance`, and each step's argmax against transformers' token.
+pub fn check_logits_and_greedy_steps(
+    label: &str,
+    case: &Case,
+    pixels: Option<vlm::models::Pixels>,
+    tolerance: f32,
+    new_cache: impl FnOnce(usize, usize) -> vlm::nn::KvCache,
+    mut logits_of: impl FnMut(&vlm::models::ModelInputs, &mut vlm::nn::KvCache) -> Tensor<3>,
+) {
+    let name = case.name;
+    let ids = case.ids("input_ids");
+    let batch = ids.len();
+    let steps = case.ids("greedy_tokens")[0].len();
+    let mut cache = new_cache(batch, ids[0].len() + steps).with_left_padding(case.padding()).unwrap();
+    let logits = logits_of(&vlm::models::ModelInputs { input_ids: ids.clone(), pixels }, &mut cache);
+    let [_, len, vocab] = logits.dims();
+    if case.has("logits") {
+        let error = relative_error(logits.clone(), &case.floats("logits"));
+        eprintln!("{label} {name}: prompt logits relative error {error:e}");
+        assert!(error <= tolerance, "{label} {name}: logits relative error {error:e}");
+    }
+    let (_, step_logits) = case.floats("greedy_step_logits"); // [batch, steps, vocab]
+    let expected = case.ids("greedy_tokens");
+    let mut last = logits.narrow(1, len - 1, 1);
+    let mut worst = 0f32;
+    for step in 0..steps {
+        let rows = last.clone().reshape([batch, vocab]).into_data().try_to_vec::<f32>().unwrap();
+        for b in 0..batch {
+            let want = &step_logits[(b * steps + step) * vocab..(b * steps + step + 1) * vocab];
+            let error = relative_error_of(&rows[b * vocab..(b + 1) * vocab], want);
+            worst = worst.max(error);
+            assert!(error <= tolerance, "{label} {name}: row {b} step {step} relative error {error:e}");
+            let token = vlm::generation::sampler::argmax(&rows[b * vocab..(b + 1) * vocab]);
+            assert_eq!(token, expected[b][step], "{label} {name}: row {b} step {step}");
+        }
+        let next =
+            vlm::models::ModelInputs { input_ids: expected.iter().map(|row| vec![row[step]]).collect(), pixels: None };
+        last = logits_of(&next, &mut cache);
+    }
+    eprintln!("{label} {name}: {steps} greedy steps, worst logits relative error {worst:e}");
 }
 
 /// Reference activations written by `scripts/make_fixtures.py`.

@@ -5,6 +5,7 @@
 //! `language_model.*`, `lm_head.*`).
 
 pub mod internvl;
+pub mod llava;
 pub mod qwen_vl;
 
 /// A place in the checkpoint that fills one parameter.

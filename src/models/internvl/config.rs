@@ -102,7 +102,10 @@ impl InternVlCheckpoint {
             ));
         }
         check_positive(
-            &[("vision_config.layer_norm_eps", v.layer_norm_eps), ("projector layer_norm_eps", p.layer_norm_eps)],
+            &[
+                ("vision_config.layer_norm_eps", v.layer_norm_eps),
+                ("projector layer_norm_eps", p.layer_norm_eps.unwrap_or(1.0)),
+            ],
             path,
         )?;
         let layers = v.num_hidden_layers as i64;
@@ -218,7 +221,7 @@ impl HfConfig {
             hidden_size: text.hidden_size,
             output_size: text.hidden_size,
             bias: true,
-            layer_norm_eps: 1e-5,
+            layer_norm_eps: Some(1e-5),
             activation: self.projector_hidden_act,
         };
         let dtype = self.dtype.or(self.torch_dtype).or_else(|| self.text_config.dtype());
@@ -329,7 +332,7 @@ impl OriginalConfig {
             hidden_size: if nvlm { text.intermediate_size } else { text.hidden_size },
             output_size: text.hidden_size,
             bias: !nvlm,
-            layer_norm_eps: 1e-5,
+            layer_norm_eps: Some(1e-5),
             activation: Activation::Gelu,
         };
         let dtype = self.dtype.or(self.torch_dtype).or_else(|| self.llm_config.dtype());

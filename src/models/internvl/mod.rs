@@ -67,7 +67,7 @@ impl InternVlConfig {
                 hidden_size: text.hidden_size,
                 output_size: text.hidden_size,
                 bias: true,
-                layer_norm_eps: 1e-5,
+                layer_norm_eps: Some(1e-5),
                 activation: crate::nn::Activation::Gelu,
             },
             vision,
@@ -177,7 +177,7 @@ impl InternVlModel {
         };
         let pixel_values = match inputs.pixels.clone() {
             Some(Pixels::Tiles(tiles)) => Some(tiles),
-            Some(Pixels::Patches { .. }) => return Err(Error::Input("InternVL takes image tiles, not patches".into())),
+            Some(_) => return Err(Error::Input("InternVL takes image tiles".into())),
             None => None,
         };
         let Some(pixel_values) = pixel_values else {

@@ -122,7 +122,7 @@ impl QwenVlModel {
         let (visuals, deepstack) = match &inputs.pixels {
             None if rows.is_empty() => (Vec::new(), None),
             None => return Err(Error::InputMismatch { image_tokens: rows.len(), image_features: 0 }),
-            Some(Pixels::Tiles(_)) => return Err(Error::Input("Qwen-VL takes patches, not tiles".into())),
+            Some(Pixels::Tiles(_) | Pixels::Images(_)) => return Err(Error::Input("Qwen-VL takes patches".into())),
             Some(Pixels::Patches { values, visuals }) => {
                 let output = self.vision_features(values.clone(), visuals)?;
                 embeds = scatter_features(embeds, output.embeds, &rows, "vision tower and merger")?;
