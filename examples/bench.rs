@@ -9,12 +9,15 @@
 //! the first call's time to first token (compilation and autotuning included). Each timing is the
 //! median of `--runs` after one warm-up, synchronised by reading the result back. `--rows` picks
 //! some (`vision_1,ttft_1,decode_bs1` takes minutes on a CPU where all of them take half an hour),
-//! `--decode-tokens` sets how many tokens the decode rows generate.
+//! `--decode-tokens` sets how many tokens the decode rows generate. `--quantize q8|q4` quantizes
+//! the decoder's weights. Each row also reports the parameters' bytes, the bytes a decode step
+//! reads (weights of the decoder and output projection), the bandwidth decode achieves at batch
+//! 1 (those bytes times tokens/s) and, beside it, the machine's measured copy bandwidth.
 
 use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Distribution, FloatDType, Int, Tensor};
+use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorCreationOptions, TensorData};
 use clap::Parser;
 use serde_json::{Value, json};
 use vlm::Device;
@@ -43,6 +46,9 @@ struct Args {
     /// decode_bs16, first_ttft (default: all).
     #[arg(long, value_delimiter = ',')]
     rows: Option<Vec<String>>,
+    /// Quantize the decoder's weights: q8 or q4.
+    #[arg(long)]
+    quantize: Option<vlm::QuantKind>,
     /// Tokens the decode rows generate (default: 256 at batch 1 and 128 at batch 16; 64 and 32
     /// for tiny).
     #[arg(long)]
@@ -91,6 +97,7 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
         hidden_act: Activation::Gelu,
     };
     let text = TextConfig {
+        quantization: None,
         vocab_size: 151_674,
         hidden_size: hidden,
         intermediate_size: ffn,
@@ -122,15 +129,72 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
     Ok(InternVlConfig { vision, projector, text, image_token_id: Some(151_667), ..InternVlConfig::tiny() })
 }
 
-/// Fills every parameter with small random values (timing on zeros flatters some kernels).
+/// Fills every parameter with small random values (timing on zeros flatters some kernels);
+/// quantized weights get random levels and f32 scales.
 struct Randomize<'a> {
     device: &'a Device,
+    /// Type of the module being visited.
+    containers: Vec<String>,
+    /// State of the generator of random bytes.
+    state: u64,
 }
 
 impl ModuleMapper for Randomize<'_> {
+    fn enter_module(&mut self, _name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.containers.pop();
+    }
+
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let shape = param.lazy_shape();
-        Param::initialized(param.id, Tensor::random(shape, Distribution::Normal(0.0, 0.02), self.device))
+        let value: Tensor<D> = Tensor::random(shape, Distribution::Normal(0.0, 0.02), self.device);
+        let quantized = self.containers.last().is_some_and(|c| c == "Struct:QuantizedWeight");
+        Param::initialized(param.id, if quantized { value.cast(FloatDType::F32) } else { value })
+    }
+
+    fn map_int<const D: usize>(&mut self, param: Param<Tensor<D, Int>>) -> Param<Tensor<D, Int>> {
+        let shape = param.lazy_shape();
+        let bytes: Vec<u8> = (0..shape.num_elements())
+            .map(|_| {
+                self.state = self.state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (self.state >> 56) as u8
+            })
+            .collect();
+        let options = TensorCreationOptions::new(self.device.clone()).with_dtype(burn::tensor::DType::U8);
+        Param::initialized(param.id, Tensor::from_data(TensorData::new(bytes, shape), options))
+    }
+}
+
+/// The machine's copy bandwidth in GB/s (bytes read plus bytes written per second, as STREAM's
+/// Copy counts them), every core copying its share of 512 MiB; the best of three.
+fn copy_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let len = 512 << 20;
+    let source = vec![1u8; len];
+    let mut target = vec![0u8; len];
+    let chunk = len / rayon::current_num_threads().max(1) / 8;
+    (0..4)
+        .map(|_| {
+            let start = Instant::now();
+            target.par_chunks_mut(chunk).zip(source.par_chunks(chunk)).for_each(|(t, s)| t.copy_from_slice(s));
+            2.0 * len as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .skip(1)
+        .fold(0.0, f64::max)
+}
+
+/// Bytes one decode step reads: every decoder weight, and the output projection (the embedding
+/// table when tied), but not the embedding table when only one of its rows is looked up.
+fn decode_bytes(model: &InternVlModel) -> usize {
+    let text = vlm::nn::parameter_bytes(&model.language_model);
+    match &model.lm_head {
+        Some(head) => {
+            text - vlm::nn::parameter_bytes(&model.language_model.embed_tokens) + vlm::nn::parameter_bytes(head)
+        }
+        None => text,
     }
 }
 
@@ -194,9 +258,10 @@ fn generate(model: &InternVlModel, inputs: &ModelInputs, steps: usize) -> anyhow
 }
 
 fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
-    let config = config(size)?;
+    let mut config = config(size)?;
+    config.text.quantization = args.quantize;
     let init_start = Instant::now();
-    let model = config.init(device).map(&mut Randomize { device });
+    let model = config.init(device).map(&mut Randomize { device, containers: Vec::new(), state: 1 });
     let params = model.num_params();
     let init_ms = ms(init_start.elapsed());
     let tiny = size == "tiny";
@@ -207,7 +272,10 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         "size": size,
         "device": args.device,
         "dtype": args.dtype,
+        "quantize": args.quantize.map(|kind| format!("{kind:?}").to_lowercase()),
         "params": params,
+        "parameter_bytes": vlm::nn::parameter_bytes(&model),
+        "decode_bytes_per_token": decode_bytes(&model),
         "init_random_weights_ms": init_ms,
     });
     if args.wants("first_ttft") {
@@ -238,8 +306,18 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         }
         let inputs = prompt(&model, 1, batch, device);
         let decode = median(args.runs, || Ok(generate(&model, &inputs, steps)?.1))?;
-        row[key] = ((batch * steps) as f64 / decode.as_secs_f64()).into();
+        let tokens_per_second = (batch * steps) as f64 / decode.as_secs_f64();
+        row[key] = tokens_per_second.into();
         row[format!("{key}_new_tokens")] = steps.into();
+        if batch == 1 {
+            let achieved = decode_bytes(&model) as f64 * tokens_per_second / 1e9;
+            row["decode_bs1_gb_s"] = achieved.into();
+            if args.device.starts_with("cpu") {
+                let copy = copy_bandwidth();
+                row["machine_copy_gb_s"] = copy.into();
+                row["decode_bs1_fraction_of_copy"] = (achieved / copy).into();
+            }
+        }
     }
     Ok(row)
 }

@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 use anyhow::Context;
 use clap::Parser;
 use vlm::processing::Content;
-use vlm::{GenerationConfig, Image, Message, Vlm};
+use vlm::{GenerationConfig, Image, LoadOptions, Message, Vlm};
 
 #[derive(Parser)]
 #[command(about = "Chat with a vision-language model")]
@@ -34,12 +34,17 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,
+    /// faster CPU decode; see the README for the accuracy cost).
+    #[arg(long)]
+    quantize: Option<vlm::QuantKind>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = vlm::device::from_name(&args.device)?;
-    let vlm = Vlm::from_pretrained(&args.model, &device).with_context(|| format!("loading {}", args.model))?;
+    let vlm = Vlm::from_pretrained_with(&args.model, &device, &LoadOptions { quantize: args.quantize })
+        .with_context(|| format!("loading {}", args.model))?;
     let config = GenerationConfig {
         max_new_tokens: Some(args.max_new_tokens),
         temperature: args.temperature,

@@ -11,7 +11,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 use vlm::processing::Video;
-use vlm::{GenerationConfig, Image, Message, Vlm};
+use vlm::{GenerationConfig, Image, LoadOptions, Message, Vlm};
 
 #[derive(Parser)]
 #[command(about = "Describe images with a vision-language model")]
@@ -62,6 +62,10 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,
+    /// faster CPU decode; see the README for the accuracy cost).
+    #[arg(long)]
+    quantize: Option<vlm::QuantKind>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -70,7 +74,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = vlm::device::from_name(&args.device)?;
-    let vlm = Vlm::from_pretrained(&args.model, &device).with_context(|| format!("loading {}", args.model))?;
+    let vlm = Vlm::from_pretrained_with(&args.model, &device, &LoadOptions { quantize: args.quantize })
+        .with_context(|| format!("loading {}", args.model))?;
 
     let mut message = Message::user();
     for path in &args.images {

@@ -135,6 +135,15 @@ impl CheckpointConfig {
             FamilyConfig::Llava(checkpoint) => &checkpoint.model.text,
         }
     }
+
+    /// The decoder's configuration, to adjust before the model is built.
+    pub fn text_mut(&mut self) -> &mut TextConfig {
+        match &mut self.family {
+            FamilyConfig::InternVl(checkpoint) => &mut checkpoint.model.text,
+            FamilyConfig::QwenVl(checkpoint) => &mut checkpoint.model.text,
+            FamilyConfig::Llava(checkpoint) => &mut checkpoint.model.text,
+        }
+    }
 }
 
 /// Checks a decoder configuration: sizes within bounds and consistent, epsilons and the RoPE base
@@ -535,6 +544,7 @@ impl TextJson {
             mlp_bias: self.mlp_bias.unwrap_or(false),
             hidden_act: self.hidden_act.unwrap_or(Activation::Silu),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(default_tie),
+            quantization: None,
         })
     }
 

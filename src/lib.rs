@@ -36,5 +36,7 @@ pub mod vision;
 pub use burn::tensor::Device;
 pub use error::{Error, Result};
 pub use generation::{Generation, GenerationConfig, StopReason};
+pub use loader::LoadOptions;
+pub use nn::quant::QuantKind;
 pub use pipeline::{TextStream, Vlm};
 pub use processing::{Image, Message, Processor};

@@ -24,7 +24,7 @@ use burn::tensor::Device;
 use crate::config::CheckpointConfig;
 use crate::error::Result;
 use crate::generation::{Generation, GenerationConfig, GenerationDefaults, Generator};
-use crate::loader::{load, resolve};
+use crate::loader::{LoadOptions, load_with, resolve};
 use crate::models::Model;
 use crate::processing::{Encoding, Message, ProcessOptions, Processor};
 
@@ -44,9 +44,19 @@ impl Vlm {
         Self::from_dir(&resolve(id_or_dir)?, device)
     }
 
+    /// [`from_pretrained`](Self::from_pretrained) with load options (e.g. 8- or 4-bit weights).
+    pub fn from_pretrained_with(id_or_dir: &str, device: &Device, options: &LoadOptions) -> Result<Self> {
+        Self::from_dir_with(&resolve(id_or_dir)?, device, options)
+    }
+
     /// Loads a checkpoint directory without touching the network.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
-        let (checkpoint, model) = load(dir, device)?;
+        Self::from_dir_with(dir, device, &LoadOptions::default())
+    }
+
+    /// [`from_dir`](Self::from_dir) with load options.
+    pub fn from_dir_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Self> {
+        let (checkpoint, model) = load_with(dir, device, options)?;
         let processor = Processor::from_dir(dir, &checkpoint)?;
         let mut defaults = GenerationDefaults::from_dir(dir)?;
         if defaults.eos_token_id.is_empty() {

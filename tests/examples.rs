@@ -41,6 +41,32 @@ fn describe_json_prints_one_object_with_the_library_answer() {
 }
 
 #[test]
+fn describe_quantize_loads_8_and_4_bit_weights_as_the_library_does() {
+    let model = model_dir("internvl3-hf");
+    for kind in ["q8", "q4"] {
+        let output = Command::new(example("describe"))
+            .args(["--model", model.to_str().unwrap(), "--image", &fixture_image("wide.png"), "--quantize", kind])
+            .args(["--prompt", "Describe it.", "--max-new-tokens", "6", "--temperature", "0", "--json"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{kind}: {}", String::from_utf8_lossy(&output.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let options = vlm::LoadOptions { quantize: Some(kind.parse().unwrap()) };
+        let vlm = vlm::Vlm::from_dir_with(&model, &vlm::device::cpu(), &options).unwrap();
+        let messages =
+            [vlm::Message::user().image(vlm::Image::open(fixture_image("wide.png")).unwrap()).text("Describe it.")];
+        let expected = vlm.generate(&messages, &vlm::GenerationConfig::default().max_new_tokens(6).temperature(0.0));
+        assert_eq!(json["token_ids"], serde_json::json!(expected.unwrap().token_ids), "{kind}");
+    }
+    let output = Command::new(example("describe"))
+        .args(["--model", model.to_str().unwrap(), "--image", &fixture_image("wide.png"), "--quantize", "q3"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("q8 or q4"));
+}
+
+#[test]
 fn describe_reports_a_missing_image_without_panicking() {
     let output = Command::new(example("describe"))
         .args(["--model", model_dir("internvl3-hf").to_str().unwrap(), "--image", "no-such-image.png"])

@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 use vlm::eval::{Benchmark, Item, Record, ResultsWriter, Shard, Summary};
 use vlm::processing::Encoding;
-use vlm::{Generation, GenerationConfig, Image, Message, Vlm};
+use vlm::{Generation, GenerationConfig, Image, LoadOptions, Message, Vlm};
 
 use progress::Progress;
 
@@ -68,6 +68,10 @@ struct RunArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,
+    /// faster CPU decode; see the README for the accuracy cost).
+    #[arg(long)]
+    quantize: Option<vlm::QuantKind>,
     /// Run again the items whose earlier attempt failed (their records are removed first).
     #[arg(long)]
     retry_failed: bool,
@@ -121,7 +125,8 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     if !todo.is_empty() {
         let device = vlm::device::from_name(&args.device)?;
-        let vlm = Vlm::from_pretrained(&args.model, &device).with_context(|| format!("loading {}", args.model))?;
+        let vlm = Vlm::from_pretrained_with(&args.model, &device, &LoadOptions { quantize: args.quantize })
+            .with_context(|| format!("loading {}", args.model))?;
         let config = GenerationConfig { max_tiles: args.max_tiles, ..GenerationConfig::default() }
             .temperature(0.0)
             .max_new_tokens(args.max_new_tokens);

@@ -26,7 +26,7 @@ use clap::Parser;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use vlm::processing::{ImageLimits, Message, ProcessOptions};
-use vlm::{GenerationConfig, Vlm};
+use vlm::{GenerationConfig, LoadOptions, Vlm};
 
 use crate::images::ImageFetch;
 use crate::openai::{ApiError, ChatRequest, ContentPart, MessageContent, Usage};
@@ -50,6 +50,10 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,
+    /// faster CPU decode; see the README for the accuracy cost).
+    #[arg(long)]
+    quantize: Option<vlm::QuantKind>,
     /// Require `Authorization: Bearer KEY` on the API routes.
     #[arg(long)]
     api_key: Option<String>,
@@ -115,7 +119,7 @@ struct AppState {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = vlm::device::from_name(&args.device)?;
-    let vlm = Arc::new(Vlm::from_pretrained(&args.model, &device)?);
+    let vlm = Arc::new(Vlm::from_pretrained_with(&args.model, &device, &LoadOptions { quantize: args.quantize })?);
     let stats = Arc::new(Stats::default());
     let limits =
         worker::BatchLimits { max_rows: args.max_batch.max(1), max_image_tokens: args.max_batch_image_tokens.max(1) };

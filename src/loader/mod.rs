@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Device, FloatDType, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use self::hub::{HubOptions, resolve};
@@ -18,13 +18,38 @@ pub use self::safetensors::WeightFiles;
 use crate::config::{CheckpointConfig, FamilyConfig, InternVlCheckpoint};
 use crate::error::{Error, Result};
 use crate::models::{InternVlModel, Model};
+use crate::nn::quant::{PackedWeight, QuantKind};
+
+/// How a checkpoint is loaded, beyond what its files say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Quantize the decoder's linear layers to this grid as they are read (the output
+    /// projection to 8 bits; the vision tower and projector stay in the model's dtype). `None`
+    /// keeps every weight in the device's float dtype.
+    pub quantize: Option<QuantKind>,
+}
 
 /// Loads a model of any supported family from a local checkpoint directory: `config.json`, the
 /// weights, and the few tokenizer facts the model itself needs.
 pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
+    load_with(dir, device, &LoadOptions::default())
+}
+
+/// [`load`] with options (quantization).
+pub fn load_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<(CheckpointConfig, Model)> {
     let mut config = CheckpointConfig::from_file(&dir.join("config.json"))?;
+    config.text_mut().quantization = options.quantize;
     let files = WeightFiles::open(dir)?;
     let config_path = dir.join("config.json");
+    // A quantized model keeps an 8-bit copy of tied embeddings as its output projection.
+    let quantized_tied_head = options.quantize.is_some() && config.text().tie_word_embeddings;
+    let head = |canonical: &str| -> String {
+        if quantized_tied_head && canonical == "lm_head.weight" {
+            "language_model.embed_tokens.weight".into()
+        } else {
+            canonical.into()
+        }
+    };
     let model = match &mut config.family {
         FamilyConfig::InternVl(checkpoint) => {
             resolve_image_token(dir, checkpoint)?;
@@ -32,7 +57,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
             let layers = model.vision.num_hidden_layers as u128 + model.text.num_hidden_layers as u128;
             check_size(model.min_parameters(), layers, &files, &config_path)?;
             let text = model.text.clone();
-            let sources = |canonical: &str| layout::internvl::sources(checkpoint.layout, canonical, &text);
+            let sources = |canonical: &str| layout::internvl::sources(checkpoint.layout, &head(canonical), &text);
             let tied = if text.tie_word_embeddings { INTERNVL_STORED_LM_HEADS } else { &[] };
             Model::InternVl(fill(model.init(device), &files, &sources, tied, device)?)
         }
@@ -40,7 +65,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
             let model = &checkpoint.model;
             let layers = model.vision.depth as u128 + model.text.num_hidden_layers as u128;
             check_size(model.min_parameters(), layers, &files, &config_path)?;
-            let sources = |canonical: &str| layout::qwen_vl::sources(model.variant, canonical);
+            let sources = |canonical: &str| layout::qwen_vl::sources(model.variant, &head(canonical));
             let tied: &[&str] = if model.text.tie_word_embeddings { &["lm_head.weight"] } else { &[] };
             Model::QwenVl(fill(model.init(device), &files, &sources, tied, device)?)
         }
@@ -52,7 +77,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
             if model.text.tie_word_embeddings {
                 ignored.extend(["language_model.lm_head.weight", "lm_head.weight"]);
             }
-            Model::Llava(fill(model.init(device), &files, &layout::llava::sources, &ignored, device)?)
+            let sources = |canonical: &str| layout::llava::sources(&head(canonical));
+            Model::Llava(fill(model.init(device), &files, &sources, &ignored, device)?)
         }
     };
     Ok((config, model))
@@ -138,6 +164,7 @@ pub fn fill<M: Module>(
         used: BTreeSet::new(),
         missing: Vec::new(),
         error: None,
+        pending_scales: None,
         progress: &progress,
     };
     let model = model.map(&mut filler);
@@ -157,6 +184,14 @@ pub fn fill<M: Module>(
     Ok(model)
 }
 
+/// A layer's weight as read and quantized: its packed values and its scales.
+struct QuantizedLayer {
+    /// Canonical name of the weight (`<layer>.weight`).
+    layer: String,
+    values: Vec<u8>,
+    scales: Vec<f32>,
+}
+
 /// Walks the module tree, tracking the canonical parameter path, and swaps in checkpoint tensors.
 struct Filler<'a> {
     files: &'a WeightFiles,
@@ -173,6 +208,8 @@ struct Filler<'a> {
     missing: Vec<String>,
     /// The first hard error (shape or dtype); later parameters are skipped.
     error: Option<Error>,
+    /// Scales of the quantized weight whose values were just read, by layer.
+    pending_scales: Option<(String, Vec<f32>)>,
     progress: &'a ProgressBar,
 }
 
@@ -180,7 +217,55 @@ impl Filler<'_> {
     /// Whether the parameter being visited is a [`Linear`](crate::nn::Linear) weight, which checkpoints store as
     /// `[d_output, d_input]` and the layer keeps transposed.
     fn at_linear_weight(&self) -> bool {
-        self.containers.last().is_some_and(|c| c == "Struct:Linear") && self.path.last().is_some_and(|n| n == "weight")
+        self.containers.last().is_some_and(|c| c == "Enum:LinearWeight")
+            && self.path.last().is_some_and(|n| n == "weight")
+    }
+
+    /// Whether the parameter being visited is `values` / `scales` of a
+    /// [`QuantizedWeight`](crate::nn::linear::QuantizedWeight): both come from the one checkpoint
+    /// weight of the layer, quantized as it is read.
+    fn at_quantized(&self, field: &str) -> bool {
+        self.containers.last().is_some_and(|c| c == "Struct:QuantizedWeight")
+            && self.path.last().is_some_and(|n| n == field)
+    }
+
+    /// Reads the layer's checkpoint weight (`<layer>.weight`) and quantizes it to the grid that
+    /// a packed buffer of `values_len` bytes implies; returns the packed values and the scales.
+    fn load_quantized(&mut self, values_len: usize) -> Result<Option<QuantizedLayer>> {
+        let canonical = self.path[..self.path.len() - 1].join(".");
+        let sources = (self.sources)(&canonical);
+        let Some(source) = sources.into_iter().find(|s| self.files.get(&s.name).is_some()) else {
+            self.missing.push(canonical);
+            return Ok(None);
+        };
+        let entry = self.files.get(&source.name).expect("source was found above");
+        let &[stored_rows, d_input] = entry.shape.as_slice() else {
+            return Err(Error::ShapeMismatch { name: source.name, expected: vec![0, 0], found: entry.shape.clone() });
+        };
+        let d_output = source.rows.parameter(stored_rows);
+        let kind = [QuantKind::Q8, QuantKind::Q4].into_iter().find(|&kind| {
+            kind.fits(d_input, d_output) && PackedWeight::values_len(kind, d_input, d_output) == values_len
+        });
+        let ranges = source.rows.ranges(d_output);
+        let (Some(kind), true) = (kind, ranges.iter().map(|r| r.len()).sum::<usize>() == d_output) else {
+            return Err(Error::ShapeMismatch {
+                name: source.name,
+                expected: vec![values_len],
+                found: entry.shape.clone(),
+            });
+        };
+        let data = self.files.read_rows(&source.name, &ranges, FloatDType::F32, true)?;
+        let weight = data
+            .as_slice::<f32>()
+            .map_err(|e| Error::Weights { missing: vec![format!("{}: {e:?}", source.name)], unused: vec![] })?;
+        let packed = PackedWeight::quantize(kind, weight, d_input, d_output);
+        self.progress.inc((d_input * d_output) as u64 * entry_bytes(entry));
+        self.used.insert(source.name);
+        Ok(Some(QuantizedLayer {
+            layer: canonical,
+            values: packed.values.into_owned(),
+            scales: packed.scales.into_owned(),
+        }))
     }
 
     fn load<const D: usize>(&mut self, expected: [usize; D]) -> Result<Option<Tensor<D>>> {
@@ -236,9 +321,44 @@ impl ModuleMapper for Filler<'_> {
         }
     }
 
+    fn map_int<const D: usize>(&mut self, param: Param<Tensor<D, Int>>) -> Param<Tensor<D, Int>> {
+        if self.error.is_some() || !self.at_quantized("values") {
+            return param;
+        }
+        match self.load_quantized(param.lazy_shape().num_elements()) {
+            Ok(Some(QuantizedLayer { layer, values, scales })) => {
+                let values = crate::nn::linear::bytes_tensor(values, &self.device);
+                self.pending_scales = Some((layer, scales));
+                Param::initialized(param.id, values.reshape(param.lazy_shape()))
+            }
+            Ok(None) => param,
+            Err(error) => {
+                self.error = Some(error);
+                param
+            }
+        }
+    }
+
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         if self.error.is_some() {
             return param;
+        }
+        if self.at_quantized("scales") {
+            let layer = self.path[..self.path.len() - 1].join(".");
+            return match self.pending_scales.take() {
+                Some((pending, scales)) if pending == layer && scales.len() == param.lazy_shape().num_elements() => {
+                    let scales = crate::nn::linear::f32_tensor(scales, &self.device);
+                    Param::initialized(param.id, scales.reshape(param.lazy_shape()))
+                }
+                // The values were missing (already reported under the layer's weight), or a
+                // module visited its scales first.
+                _ => {
+                    if self.missing.last() != Some(&layer) {
+                        self.missing.push(format!("{layer}.scales"));
+                    }
+                    param
+                }
+            };
         }
         let expected: [usize; D] = param.lazy_shape().dims();
         match self.load(expected) {

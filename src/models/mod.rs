@@ -178,6 +178,11 @@ impl Model {
         }
     }
 
+    /// Bytes the parameters occupy as stored (quantized weights at their packed size).
+    pub fn parameter_bytes(&self) -> usize {
+        crate::nn::parameter_bytes(self)
+    }
+
     /// The InternVL-family model, if this is one.
     pub fn as_internvl(&self) -> Option<&InternVlModel> {
         match self {

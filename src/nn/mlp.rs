@@ -5,6 +5,7 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::quant::QuantKind;
 use super::{Linear, LinearConfig};
 
 /// Activation functions named by checkpoints' `hidden_act`.
@@ -50,16 +51,19 @@ pub struct GatedMlpConfig {
     pub activation: Activation,
     /// Whether the three projections have biases (`mlp_bias`).
     pub bias: bool,
+    /// Whether (and how) the three projections' weights are quantized.
+    pub quantization: Option<QuantKind>,
 }
 
 impl GatedMlpConfig {
     /// Creates the block (parameters filled by the loader).
     pub fn init(&self, device: &Device) -> GatedMlp {
-        let up = LinearConfig::new(self.hidden_size, self.intermediate_size, self.bias);
+        let up = LinearConfig::new(self.hidden_size, self.intermediate_size, self.bias).quantized(self.quantization);
+        let down = LinearConfig::new(self.intermediate_size, self.hidden_size, self.bias).quantized(self.quantization);
         GatedMlp {
             gate_proj: up.init(device),
             up_proj: up.init(device),
-            down_proj: LinearConfig::new(self.intermediate_size, self.hidden_size, self.bias).init(device),
+            down_proj: down.init(device),
             activation: self.activation,
         }
     }

@@ -6,6 +6,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 
 pub use attention::{AttentionMask, scaled_dot_product_attention, segment_attention};
@@ -14,3 +15,24 @@ pub use linear::{Linear, LinearConfig};
 pub use mlp::{Activation, GatedMlp, GatedMlpConfig};
 pub use norm::{LayerNorm, LayerNormConfig, Norm, NormConfig, NormKind, RmsNorm, RmsNormConfig};
 pub use rope::{RopeScaling, RopeTables, RotaryEmbedding};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Int, Tensor};
+
+/// Bytes a module's parameters occupy as stored (quantized weights at their packed size).
+pub fn parameter_bytes(module: &impl Module) -> usize {
+    struct Bytes(usize);
+    impl ModuleVisitor for Bytes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let value = param.val();
+            self.0 += value.shape().num_elements() * value.dtype().size();
+        }
+        fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+            let value = param.val();
+            self.0 += value.shape().num_elements() * value.dtype().size();
+        }
+    }
+    let mut bytes = Bytes(0);
+    module.visit(&mut bytes);
+    bytes.0
+}

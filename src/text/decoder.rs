@@ -9,6 +9,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
+use crate::nn::quant::QuantKind;
 use crate::nn::rope::{MultimodalRope, RopeScaling, RopeTables};
 use crate::nn::{
     Activation, AttentionMask, GatedMlp, GatedMlpConfig, KvCache, Linear, LinearConfig, RmsNorm, RmsNormConfig,
@@ -56,6 +57,9 @@ pub struct TextConfig {
     pub hidden_act: Activation,
     /// Whether the output projection reuses the embedding table.
     pub tie_word_embeddings: bool,
+    /// How the decoder's linear layers (and the output projection, in 8 bits) are quantized;
+    /// chosen at load ([`crate::loader::LoadOptions`]), never read from a checkpoint.
+    pub quantization: Option<QuantKind>,
 }
 
 impl TextConfig {
@@ -80,6 +84,7 @@ impl TextConfig {
             o_bias: false,
             mlp_bias: false,
             hidden_act: Activation::Silu,
+            quantization: None,
             tie_word_embeddings: true,
         }
     }
@@ -131,10 +136,18 @@ impl TextConfig {
         let norm = RmsNormConfig { d_model: h, eps: self.rms_norm_eps };
         DecoderLayer {
             self_attn: SelfAttention {
-                q_proj: LinearConfig::new(h, self.num_attention_heads * d, self.qkv_bias).init(device),
-                k_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias).init(device),
-                v_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias).init(device),
-                o_proj: LinearConfig::new(self.num_attention_heads * d, h, self.o_bias).init(device),
+                q_proj: LinearConfig::new(h, self.num_attention_heads * d, self.qkv_bias)
+                    .quantized(self.quantization)
+                    .init(device),
+                k_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias)
+                    .quantized(self.quantization)
+                    .init(device),
+                v_proj: LinearConfig::new(h, self.num_key_value_heads * d, self.qkv_bias)
+                    .quantized(self.quantization)
+                    .init(device),
+                o_proj: LinearConfig::new(self.num_attention_heads * d, h, self.o_bias)
+                    .quantized(self.quantization)
+                    .init(device),
                 q_norm: self.qk_norm.then(|| RmsNormConfig { d_model: d, eps: self.rms_norm_eps }.init(device)),
                 k_norm: self.qk_norm.then(|| RmsNormConfig { d_model: d, eps: self.rms_norm_eps }.init(device)),
                 num_heads: self.num_attention_heads,
@@ -146,11 +159,21 @@ impl TextConfig {
                 intermediate_size: self.intermediate_size,
                 activation: self.hidden_act,
                 bias: self.mlp_bias,
+                quantization: self.quantization,
             }
             .init(device),
             input_layernorm: norm.init(device),
             post_attention_layernorm: norm.init(device),
         }
+    }
+
+    /// The output projection `[hidden, vocab]`, for checkpoints that have one or whose tied one
+    /// is quantized (then a copy of the embeddings, in 8 bits: the output is where 4 bits lose the
+    /// most, as llama.cpp also keeps it wider).
+    pub fn lm_head(&self, device: &Device) -> Option<Linear> {
+        let quantization = self.quantization.map(|_| QuantKind::Q8);
+        (!self.tie_word_embeddings || quantization.is_some())
+            .then(|| LinearConfig::new(self.hidden_size, self.vocab_size, false).quantized(quantization).init(device))
     }
 
     /// An empty KV cache for `batch` sequences of up to `capacity` tokens.

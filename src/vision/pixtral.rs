@@ -70,6 +70,7 @@ impl PixtralVisionConfig {
                 intermediate_size: self.intermediate_size,
                 activation: self.hidden_act,
                 bias: false,
+                quantization: None,
             }
             .init(device),
         };

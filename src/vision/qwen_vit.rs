@@ -111,6 +111,7 @@ impl QwenVisionConfig {
                         intermediate_size: self.intermediate_size,
                         activation: self.hidden_act,
                         bias: true,
+                        quantization: None,
                     }
                     .init(device),
                 )
@@ -374,6 +375,7 @@ impl VisionAttention {
 
 /// The MLP of a block.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per block: its size does not matter
 pub enum VisionMlp {
     /// `down(act(gate(x)) * up(x))` with biases (Qwen2.5-VL).
     Gated(GatedMlp),

@@ -53,6 +53,16 @@ impl Rows {
         }
     }
 
+    /// Rows the parameter has when the stored tensor has `stored` (the inverse of
+    /// [`stored`](Self::stored)).
+    pub fn parameter(self, stored: usize) -> usize {
+        match self {
+            Rows::All => stored,
+            Rows::Block { count, .. } => stored / count.max(1),
+            Rows::Strided { groups, take, .. } => groups * take,
+        }
+    }
+
     /// The row ranges taken, in order, when the parameter has `rows` rows.
     #[allow(clippy::single_range_in_vec_init)] // a list of ranges, of which there can be one
     pub fn ranges(self, rows: usize) -> Vec<std::ops::Range<usize>> {

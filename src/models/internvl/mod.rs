@@ -10,7 +10,7 @@ pub mod config;
 pub use self::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
 use super::{ModelInputs, Pixels, scatter_features};
 use crate::error::{Error, Result};
-use crate::nn::{KvCache, Linear, LinearConfig};
+use crate::nn::{KvCache, Linear};
 use crate::projector::{MultiModalProjector, PixelShuffleVersion, ProjectorConfig, pixel_shuffle};
 use crate::text::{TextConfig, TextModel};
 use crate::vision::{InternVit, InternVitConfig};
@@ -104,8 +104,7 @@ impl InternVlConfig {
             vision_tower: self.vision.init(device),
             multi_modal_projector: self.projector.init(device),
             language_model: self.text.init(device),
-            lm_head: (!self.text.tie_word_embeddings)
-                .then(|| LinearConfig::new(self.text.hidden_size, self.text.vocab_size, false).init(device)),
+            lm_head: self.text.lm_head(device),
             config: self.clone(),
         }
     }

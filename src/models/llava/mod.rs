@@ -12,7 +12,7 @@ use burn::tensor::{Device, Tensor};
 pub use self::config::LlavaCheckpoint;
 use super::{ModelInputs, Pixels, scatter_features};
 use crate::error::{Error, Result};
-use crate::nn::{KvCache, Linear, LinearConfig};
+use crate::nn::{KvCache, Linear};
 use crate::projector::{MultiModalProjector, ProjectorConfig};
 use crate::text::{TextConfig, TextModel};
 use crate::vision::{ClipVision, ClipVisionConfig, PixtralVision, PixtralVisionConfig};
@@ -133,8 +133,7 @@ impl LlavaConfig {
             },
             multi_modal_projector: self.projector.init(device),
             language_model: self.text.init(device),
-            lm_head: (!self.text.tie_word_embeddings)
-                .then(|| LinearConfig::new(self.text.hidden_size, self.text.vocab_size, false).init(device)),
+            lm_head: self.text.lm_head(device),
             config: self.clone(),
         }
     }

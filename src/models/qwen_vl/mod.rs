@@ -13,7 +13,7 @@ use burn::tensor::{Device, Tensor};
 pub use self::config::QwenVlCheckpoint;
 use super::{ModelInputs, PatchGrid, Pixels, scatter_features};
 use crate::error::{Error, Result};
-use crate::nn::{KvCache, Linear, LinearConfig};
+use crate::nn::{KvCache, Linear};
 use crate::text::decoder::DeepStack;
 use crate::text::{TextConfig, TextModel};
 use crate::vision::qwen_vit::{QwenVisionConfig, QwenVisionTransformer, VisionOutput};
@@ -57,8 +57,7 @@ impl QwenVlConfig {
         QwenVlModel {
             visual: self.vision.init(device),
             language_model: self.text.init(device),
-            lm_head: (!self.text.tie_word_embeddings)
-                .then(|| LinearConfig::new(self.text.hidden_size, self.text.vocab_size, false).init(device)),
+            lm_head: self.text.lm_head(device),
             config: self.clone(),
         }
     }
