@@ -1,8 +1,9 @@
 //! Weight-only quantization (`LoadOptions::quantize`): the decoder's linear layers in 8 or 4 bits.
-//! Two checks: the quantized model computes exactly what the f32 model computes with the same
-//! rounded weights (so the packed kernels and the loader add no error of their own), and against
-//! transformers' f32 reference the logits stay within each scheme's bound (the rounding's own
-//! error on these tiny random-weight models), 8-bit greedy tokens identical.
+//! Two checks: the quantized model computes what the f32 model computes with the same rounded
+//! weights (exactly on the prompt; within the rounding of activations to 8 bits on decode steps,
+//! as llama.cpp's kernels round them), and against transformers' f32 reference the logits stay
+//! within each scheme's bound (the rounding's own error on these tiny random-weight models), the
+//! argmax agreeing wherever the reference's top-1 / top-2 margin is clear.
 
 mod common;
 
@@ -20,6 +21,19 @@ const CASES: &[(&str, &str)] = &[
     ("nvlm-d", "nvlm-d"),
     ("internvl2-internlm2", "internvl2-internlm2"),
 ];
+
+/// Bound on the decode steps' relative error from rounding activations to 8 bits (the packed
+/// kernels' integer products) against the same rounded weights in f32.
+const ACTIVATION_ROUNDING_BOUND: f32 = 5e-2;
+
+/// The reference margin (top-1 minus top-2 logit) beyond which each scheme must pick
+/// transformers' token.
+fn clear_margin(kind: QuantKind) -> f32 {
+    match kind {
+        QuantKind::Q8 => 1.0,
+        QuantKind::Q4 => 3.0,
+    }
+}
 
 /// Bounds on the prompt logits' relative error against transformers' f32 model.
 const Q8_BOUND: f32 = 5e-2;
@@ -108,8 +122,9 @@ fn a_quantized_model_computes_what_its_rounded_weights_compute() {
             let dense = load(rounded.dir.path(), None);
             let quantized = load(&model_dir(checkpoint), Some(kind));
             let inputs = inputs(&reference, &dense);
-            // The prompt (dequantized weights, the backend's matmul) and each decode step (the
-            // packed kernels).
+            // The prompt (dequantized weights, the backend's f32 matmul) exactly; each decode
+            // step (the packed kernels, with activations rounded to 8 bits per block, as llama.cpp
+            // does) within that rounding's error.
             let want = prompt_logits(&dense, &inputs).into_data().try_to_vec::<f32>().unwrap();
             let got = prompt_logits(&quantized, &inputs).into_data().try_to_vec::<f32>().unwrap();
             let prompt_error = relative_error_of(&got, &want);
@@ -120,11 +135,8 @@ fn a_quantized_model_computes_what_its_rounded_weights_compute() {
                 "{checkpoint} {kind:?}: quantized vs rounded-weight f32 logits relative error: prompt {prompt_error:e}, \
                  decode steps {step_error:e}"
             );
-            assert!(
-                prompt_error <= 1e-4 && step_error <= 1e-4,
-                "{checkpoint} {kind:?}: {prompt_error:e} {step_error:e}"
-            );
-            assert_eq!(greedy(&quantized, &inputs, 8), tokens, "{checkpoint} {kind:?}");
+            assert!(prompt_error <= 1e-4, "{checkpoint} {kind:?}: prompt {prompt_error:e}");
+            assert!(step_error <= ACTIVATION_ROUNDING_BOUND, "{checkpoint} {kind:?}: decode steps {step_error:e}");
         }
     }
 }
@@ -143,8 +155,21 @@ fn quantized_logits_stay_within_the_schemes_bounds_of_transformers() {
                 "{checkpoint} {kind:?}: logits relative error {error:e} (bound {bound:e}); {bytes} bytes of parameters, f32 {f32_bytes}"
             );
             assert!(error <= bound, "{checkpoint} {kind:?}: logits relative error {error:e} over {bound:e}");
-            if kind == QuantKind::Q8 {
-                assert_eq!(greedy(&model, &inputs, 8), reference.ids("greedy_tokens")[0], "{checkpoint} {kind:?}");
+            // Teacher-forced on transformers' tokens: where its top-1 / top-2 margin is clear,
+            // the argmax agrees.
+            let tokens = reference.ids("greedy_tokens")[0].clone();
+            let margins = common::reference_margins(weights);
+            let steps = step_logits(&model, &inputs, &tokens);
+            let vocab = steps.len() / tokens.len();
+            let prompt = prompt_logits(&model, &inputs);
+            let [_, len, _] = prompt.dims();
+            let mut argmaxes = vec![argmax_rows(prompt.narrow(1, len - 1, 1).reshape([1, vocab]))[0]];
+            argmaxes.extend(steps.chunks(vocab).map(vlm::generation::sampler::argmax));
+            for (step, ((&got, &want), &margin)) in argmaxes.iter().zip(&tokens).zip(&margins).enumerate() {
+                eprintln!("  step {step}: margin {margin:.3}, {got} vs {want}");
+                if margin >= clear_margin(kind) {
+                    assert_eq!(got, want, "{checkpoint} {kind:?} step {step} (reference margin {margin})");
+                }
             }
         }
     }

@@ -2,10 +2,12 @@
 //! features per output feature, each block with one f32 scale (llama.cpp's q8_0 and q4_0 grids,
 //! stored here along the `[d_input, d_output]` layout of [`Linear`](super::Linear)).
 //!
-//! On the CPU the product with a few rows of activations (decode) reads the packed weights once,
-//! widening them in registers: the bytes read per token are what bounds decode, so they shrink by
-//! 4 (q8) and 8 (q4) against f32. Longer inputs, and other backends, dequantize the weight and use
-//! the backend's matmul.
+//! On the CPU the product with a few rows of activations (decode) reads the packed weights once:
+//! the bytes read per token are what bounds decode, so they shrink by 4 (q8) and 8 (q4) against
+//! f32. As llama.cpp does, the activations are rounded to 8 bits per block of [`BLOCK`] for that
+//! product, so that it runs on integer dot products (AVX-512 VNNI's `vpdpbusd` where the CPU has
+//! it, plain integer loops with the same results elsewhere). Longer inputs (prefill), and other
+//! backends, dequantize the weight and use the backend's f32 matmul.
 
 use std::borrow::Cow;
 
@@ -14,9 +16,12 @@ use rayon::prelude::*;
 /// Input features that share one scale.
 pub const BLOCK: usize = 32;
 
-/// Outputs per panel: the packed weight is stored panel by panel, each panel's rows contiguous,
+/// Outputs per panel: the packed weight is stored panel by panel, each panel's inputs contiguous,
 /// so a thread computing a panel streams one contiguous region.
 pub const PANEL: usize = 64;
+
+/// Bytes of one chunk: four bytes per output of a panel.
+const CHUNK: usize = PANEL * 4;
 
 /// How the weights of a linear layer are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,11 +46,20 @@ impl std::str::FromStr for QuantKind {
 }
 
 impl QuantKind {
-    /// Bytes of one row (one input feature) of a panel.
-    const fn panel_row_bytes(self) -> usize {
+    /// What a stored level carries on top of the signed one, so that it is unsigned (`vpdpbusd`
+    /// multiplies unsigned bytes by signed ones).
+    const fn bias(self) -> i32 {
         match self {
-            QuantKind::Q8 => PANEL,
-            QuantKind::Q4 => PANEL / 2,
+            QuantKind::Q8 => 128,
+            QuantKind::Q4 => 8,
+        }
+    }
+
+    /// Inputs one chunk holds: 4 (q8: a byte each), 8 (q4: a nibble each).
+    const fn chunk_inputs(self) -> usize {
+        match self {
+            QuantKind::Q8 => 4,
+            QuantKind::Q4 => 8,
         }
     }
 
@@ -57,10 +71,11 @@ impl QuantKind {
 
 /// A quantized `[d_input, d_output]` weight in host memory.
 ///
-/// Outputs are padded to whole panels of [`PANEL`]. Panel `p` holds, for each input `k`, the
-/// levels of outputs `p * PANEL..(p + 1) * PANEL` (q8: one `i8` each; q4: per 32 outputs, 16
-/// bytes with output `j` in the low nibble and `j + 16` in the high one, stored `+ 8`), and for
-/// each block of [`BLOCK`] inputs the panel's scales.
+/// Outputs are padded to whole panels of [`PANEL`]. Panel `p` holds outputs
+/// `p * PANEL..(p + 1) * PANEL` as chunks of 4 (q8) or 8 (q4) inputs: in a chunk, output `j`'s
+/// four bytes are at `4 j..4 j + 4`, byte `t` holding input `4 c + t` (q8), or inputs `8 c + t` in
+/// its low nibble and `8 c + 4 + t` in its high one (q4), as unsigned levels (`level + 128`,
+/// `level + 8`). The scales are per panel, block of [`BLOCK`] inputs and output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeight<'a> {
     /// The grid.
@@ -69,7 +84,7 @@ pub struct PackedWeight<'a> {
     pub d_input: usize,
     /// Output features.
     pub d_output: usize,
-    /// `[panels, d_input, panel row bytes]`.
+    /// `[panels, d_input / chunk inputs, PANEL * 4]`.
     pub values: Cow<'a, [u8]>,
     /// `[panels, d_input / BLOCK, PANEL]`.
     pub scales: Cow<'a, [f32]>,
@@ -78,7 +93,7 @@ pub struct PackedWeight<'a> {
 impl PackedWeight<'_> {
     /// Bytes of packed values of a `[d_input, d_output]` weight.
     pub fn values_len(kind: QuantKind, d_input: usize, d_output: usize) -> usize {
-        d_output.div_ceil(PANEL) * d_input * kind.panel_row_bytes()
+        d_output.div_ceil(PANEL) * (d_input / kind.chunk_inputs()) * CHUNK
     }
 
     /// Scales of a `[d_input, d_output]` weight.
@@ -97,17 +112,17 @@ impl PackedWeight<'_> {
     pub fn quantize(kind: QuantKind, weight: &[f32], d_input: usize, d_output: usize) -> PackedWeight<'static> {
         assert!(kind.fits(d_input, d_output), "a {d_input}x{d_output} weight does not fit {kind:?} blocks");
         assert_eq!(weight.len(), d_input * d_output);
-        let (panels, blocks, row_bytes) = (d_output.div_ceil(PANEL), d_input / BLOCK, kind.panel_row_bytes());
-        let mut values = vec![0u8; panels * d_input * row_bytes];
-        let mut scales = vec![0f32; panels * blocks * PANEL];
-        values.par_chunks_mut(d_input * row_bytes).zip(scales.par_chunks_mut(blocks * PANEL)).enumerate().for_each(
+        let (blocks, panel_bytes) = (d_input / BLOCK, (d_input / kind.chunk_inputs()) * CHUNK);
+        let mut values = vec![0u8; Self::values_len(kind, d_input, d_output)];
+        let mut scales = vec![0f32; Self::scales_len(d_input, d_output)];
+        values.par_chunks_mut(panel_bytes).zip(scales.par_chunks_mut(blocks * PANEL)).enumerate().for_each(
             |(panel, (values, scales))| {
                 let columns = panel * PANEL..((panel + 1) * PANEL).min(d_output);
                 for (block, scales) in scales.chunks_mut(PANEL).enumerate() {
-                    let rows = block * BLOCK..(block + 1) * BLOCK;
+                    let inputs = block * BLOCK..(block + 1) * BLOCK;
                     for (j, n) in columns.clone().enumerate() {
                         // The weight of largest magnitude, with its sign.
-                        let extreme = rows
+                        let extreme = inputs
                             .clone()
                             .map(|k| weight[k * d_output + n])
                             .fold(0f32, |m, w| if w.abs() > m.abs() { w } else { m });
@@ -117,29 +132,17 @@ impl PackedWeight<'_> {
                             QuantKind::Q4 => extreme / -8.0,
                         };
                     }
-                    for k in rows {
-                        let level = |j: usize| {
-                            let n = panel * PANEL + j;
-                            if n >= d_output || scales[j] == 0.0 {
-                                0.0
-                            } else {
-                                (weight[k * d_output + n] / scales[j]).round()
-                            }
-                        };
-                        let row = &mut values[k * row_bytes..(k + 1) * row_bytes];
-                        match kind {
-                            QuantKind::Q8 => {
-                                for (j, byte) in row.iter_mut().enumerate() {
-                                    *byte = level(j).clamp(-127.0, 127.0) as i8 as u8;
-                                }
-                            }
-                            QuantKind::Q4 => {
-                                for (group, bytes) in row.chunks_mut(16).enumerate() {
-                                    for (j, byte) in bytes.iter_mut().enumerate() {
-                                        let low = level(group * 32 + j).clamp(-8.0, 7.0) as i32 + 8;
-                                        let high = level(group * 32 + j + 16).clamp(-8.0, 7.0) as i32 + 8;
-                                        *byte = (low | (high << 4)) as u8;
-                                    }
+                    for k in inputs {
+                        let (chunk, t) = (k / kind.chunk_inputs(), k % kind.chunk_inputs());
+                        let chunk = &mut values[chunk * CHUNK..(chunk + 1) * CHUNK];
+                        for (j, n) in columns.clone().enumerate() {
+                            let level =
+                                if scales[j] == 0.0 { 0.0 } else { (weight[k * d_output + n] / scales[j]).round() };
+                            match kind {
+                                QuantKind::Q8 => chunk[4 * j + t] = (level.clamp(-127.0, 127.0) as i32 + 128) as u8,
+                                QuantKind::Q4 => {
+                                    let nibble = (level.clamp(-8.0, 7.0) as i32 + 8) as u8;
+                                    chunk[4 * j + t % 4] |= if t < 4 { nibble } else { nibble << 4 };
                                 }
                             }
                         }
@@ -150,21 +153,44 @@ impl PackedWeight<'_> {
         PackedWeight { kind, d_input, d_output, values: values.into(), scales: scales.into() }
     }
 
-    /// The weight back in f32, row-major `[d_input, d_output]`.
+    /// The stored (unsigned) level of input `k`, output `j` of `panel`.
+    fn stored(&self, panel: usize, k: usize, j: usize) -> i32 {
+        let chunks = self.d_input / self.kind.chunk_inputs();
+        let (chunk, t) = (k / self.kind.chunk_inputs(), k % self.kind.chunk_inputs());
+        let byte = self.values[(panel * chunks + chunk) * CHUNK + 4 * j + t % 4];
+        i32::from(match self.kind {
+            QuantKind::Q8 => byte,
+            QuantKind::Q4 if t < 4 => byte & 15,
+            QuantKind::Q4 => byte >> 4,
+        })
+    }
+
+    /// The weight back in f32, row-major `[d_input, d_output]`. Threads take blocks of inputs;
+    /// each decodes its chunks whole.
     pub fn dequantize(&self) -> Vec<f32> {
         let (k_total, n) = (self.d_input, self.d_output);
-        let row_bytes = self.kind.panel_row_bytes();
+        let (blocks, per_chunk) = (k_total / BLOCK, self.kind.chunk_inputs());
+        let chunks = k_total / per_chunk;
+        let bias = self.kind.bias();
         let mut out = vec![0f32; k_total * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(k, row)| {
-            let block = k / BLOCK;
+        out.par_chunks_mut(BLOCK * n).enumerate().for_each(|(block, rows)| {
             for panel in 0..self.panels() {
-                let mut levels = [0f32; PANEL];
-                let offset = (panel * k_total + k) * row_bytes;
-                widen(self.kind, &self.values[offset..offset + row_bytes], &mut levels);
-                let scales = &self.scales[(panel * (k_total / BLOCK) + block) * PANEL..][..PANEL];
-                let columns = panel * PANEL..((panel + 1) * PANEL).min(n);
-                for ((w, level), scale) in row[columns].iter_mut().zip(levels).zip(scales) {
-                    *w = level * scale;
+                let width = PANEL.min(n - panel * PANEL);
+                let scales = &self.scales[(panel * blocks + block) * PANEL..][..PANEL];
+                for c in 0..BLOCK / per_chunk {
+                    let chunk = &self.values[(panel * chunks + block * (BLOCK / per_chunk) + c) * CHUNK..][..CHUNK];
+                    for t in 0..per_chunk {
+                        let row = &mut rows[(c * per_chunk + t) * n + panel * PANEL..][..width];
+                        for (j, (w, &scale)) in row.iter_mut().zip(scales).enumerate() {
+                            let byte = chunk[4 * j + t % 4];
+                            let stored = match self.kind {
+                                QuantKind::Q8 => byte,
+                                QuantKind::Q4 if t < 4 => byte & 15,
+                                QuantKind::Q4 => byte >> 4,
+                            };
+                            *w = (i32::from(stored) - bias) as f32 * scale;
+                        }
+                    }
                 }
             }
         });
@@ -176,13 +202,14 @@ impl PackedWeight<'_> {
         self.values.len() + 4 * self.scales.len()
     }
 
-    /// `y = x W` for `rows` rows of `x` (row-major `[rows, d_input]`); returns `[rows, d_output]`.
-    /// Threads take whole panels; each streams its panels once for all rows.
+    /// `y = x W` for `rows` rows of `x` (row-major `[rows, d_input]`), the rows rounded to 8 bits
+    /// per block first; returns `[rows, d_output]`. Threads take whole panels; each streams its
+    /// panels once for all rows.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.d_input);
+        let x = QuantizedRows::new(x, rows, self.d_input);
         let n = self.d_output;
-        let panels: Vec<Vec<f32>> =
-            (0..self.panels()).into_par_iter().map(|panel| self.panel(x, rows, panel)).collect();
+        let panels: Vec<Vec<f32>> = (0..self.panels()).into_par_iter().map(|panel| self.panel(&x, panel)).collect();
         let mut out = vec![0f32; rows * n];
         for (panel, acc) in panels.iter().enumerate() {
             let columns = panel * PANEL..((panel + 1) * PANEL).min(n);
@@ -194,93 +221,162 @@ impl PackedWeight<'_> {
     }
 
     /// One panel of `x W`, `[rows, PANEL]`.
-    fn panel(&self, x: &[f32], rows: usize, panel: usize) -> Vec<f32> {
+    fn panel(&self, x: &QuantizedRows, panel: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
                 // SAFETY: the features the function is compiled for were detected at run time.
-                return unsafe { panel_avx512(self, x, rows, panel) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: as above.
-                return unsafe { panel_avx2(self, x, rows, panel) };
+                return unsafe { vnni::panel(self, x, panel) };
             }
         }
-        panel_body(self, x, rows, panel)
+        self.panel_portable(x, panel)
     }
-}
 
-/// The levels of one panel row, as f32.
-#[inline(always)]
-fn widen(kind: QuantKind, values: &[u8], out: &mut [f32; PANEL]) {
-    match kind {
-        QuantKind::Q8 => {
-            for (o, &v) in out.iter_mut().zip(&values[..PANEL]) {
-                *o = f32::from(v as i8);
+    /// [`panel`](Self::panel) in plain integer arithmetic, with the same results.
+    fn panel_portable(&self, x: &QuantizedRows, panel: usize) -> Vec<f32> {
+        let blocks = self.d_input / BLOCK;
+        let bias = self.kind.bias();
+        let mut out = vec![0f32; x.rows * PANEL];
+        let mut levels = vec![[0i32; PANEL]; BLOCK];
+        for block in 0..blocks {
+            for (i, levels) in levels.iter_mut().enumerate() {
+                for (j, level) in levels.iter_mut().enumerate() {
+                    *level = self.stored(panel, block * BLOCK + i, j);
+                }
             }
-        }
-        QuantKind::Q4 => {
-            let values: &[u8; PANEL / 2] = values[..PANEL / 2].try_into().expect("a q4 panel row");
-            for group in 0..PANEL / 32 {
-                for j in 0..16 {
-                    let byte = values[group * 16 + j];
-                    out[group * 32 + j] = f32::from(byte & 15) - 8.0;
-                    out[group * 32 + 16 + j] = f32::from(byte >> 4) - 8.0;
+            let scales = &self.scales[(panel * blocks + block) * PANEL..][..PANEL];
+            for r in 0..x.rows {
+                let xs = &x.values[r * self.d_input + block * BLOCK..][..BLOCK];
+                let correction = bias * x.sums[r * blocks + block];
+                let row_scale = x.scales[r * blocks + block];
+                for (j, (y, &scale)) in out[r * PANEL..(r + 1) * PANEL].iter_mut().zip(scales).enumerate() {
+                    let dot: i32 = levels.iter().zip(xs).map(|(levels, &xv)| levels[j] * i32::from(xv)).sum();
+                    *y = ((dot - correction) as f32).mul_add(scale * row_scale, *y);
                 }
             }
         }
+        out
     }
 }
 
-/// Rows of activations handled together: their partial sums stay in registers.
-const ROW_GROUP: usize = 4;
+/// Rows of activations rounded to 8 bits per block of [`BLOCK`] (llama.cpp's q8_0): values,
+/// one scale and the sum of the values per block.
+struct QuantizedRows {
+    rows: usize,
+    /// `[rows, d_input]`.
+    values: Vec<i8>,
+    /// `[rows, d_input / BLOCK]`.
+    scales: Vec<f32>,
+    /// `[rows, d_input / BLOCK]`.
+    sums: Vec<i32>,
+}
 
-/// The kernel, compiled once per instruction set by the wrappers below.
-#[inline(always)]
-fn panel_body(w: &PackedWeight<'_>, x: &[f32], rows: usize, panel: usize) -> Vec<f32> {
-    let k_total = w.d_input;
-    let row_bytes = w.kind.panel_row_bytes();
-    let values = &w.values[panel * k_total * row_bytes..(panel + 1) * k_total * row_bytes];
-    let scales = &w.scales[panel * (k_total / BLOCK) * PANEL..(panel + 1) * (k_total / BLOCK) * PANEL];
-    let mut out = vec![0f32; rows * PANEL];
-    for first in (0..rows).step_by(ROW_GROUP) {
-        let group = ROW_GROUP.min(rows - first);
-        let mut acc = [[0f32; PANEL]; ROW_GROUP];
-        for (block, scales) in scales.chunks_exact(PANEL).enumerate() {
-            let mut partial = [[0f32; PANEL]; ROW_GROUP];
-            for k in block * BLOCK..(block + 1) * BLOCK {
-                let mut levels = [0f32; PANEL];
-                widen(w.kind, &values[k * row_bytes..(k + 1) * row_bytes], &mut levels);
-                for (r, partial) in partial.iter_mut().enumerate().take(group) {
-                    let xv = x[(first + r) * k_total + k];
-                    for (p, &l) in partial.iter_mut().zip(&levels) {
-                        *p = xv.mul_add(l, *p);
+impl QuantizedRows {
+    fn new(x: &[f32], rows: usize, d_input: usize) -> Self {
+        let blocks = rows * (d_input / BLOCK);
+        let mut values = vec![0i8; x.len()];
+        let mut scales = vec![0f32; blocks];
+        let mut sums = vec![0i32; blocks];
+        for (b, (block, out)) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).enumerate() {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (o, &v) in out.iter_mut().zip(block) {
+                *o = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+            }
+            scales[b] = scale;
+            sums[b] = out.iter().map(|&v| i32::from(v)).sum();
+        }
+        Self { rows, values, scales, sums }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    //! The panel product on AVX-512 VNNI: `vpdpbusd` multiplies 4 unsigned weight bytes by 4
+    //! signed activation bytes and adds them to a 32-bit lane, 64 products per instruction.
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, CHUNK, PANEL, PackedWeight, QuantKind, QuantizedRows};
+
+    /// Rows whose accumulators stay in registers together.
+    const ROWS: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn panel(w: &PackedWeight<'_>, x: &QuantizedRows, panel: usize) -> Vec<f32> {
+        let (k_total, blocks) = (w.d_input, w.d_input / BLOCK);
+        let chunks_per_block = BLOCK / w.kind.chunk_inputs();
+        let values = &w.values[panel * (k_total / w.kind.chunk_inputs()) * CHUNK..];
+        let bias = w.kind.bias();
+        let mut out = vec![0f32; x.rows * PANEL];
+        let nibble = _mm512_set1_epi8(15);
+        for first in (0..x.rows).step_by(ROWS) {
+            let group = ROWS.min(x.rows - first);
+            let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
+            for block in 0..blocks {
+                let mut dots = [[_mm512_setzero_si512(); 4]; ROWS];
+                for c in 0..chunks_per_block {
+                    let chunk = &values[(block * chunks_per_block + c) * CHUNK..][..CHUNK];
+                    // SAFETY: `chunk` holds CHUNK = 4 x 64 bytes.
+                    let raw: [__m512i; 4] =
+                        std::array::from_fn(|q| unsafe { _mm512_loadu_si512(chunk.as_ptr().add(64 * q).cast()) });
+                    let k = block * BLOCK + c * w.kind.chunk_inputs();
+                    for (r, dots) in dots.iter_mut().enumerate().take(group) {
+                        let xs = &x.values[(first + r) * k_total + k..];
+                        // Four activation bytes, broadcast to every lane.
+                        let quad = |at: usize| {
+                            _mm512_set1_epi32(i32::from_le_bytes([
+                                xs[at] as u8,
+                                xs[at + 1] as u8,
+                                xs[at + 2] as u8,
+                                xs[at + 3] as u8,
+                            ]))
+                        };
+                        match w.kind {
+                            QuantKind::Q8 => {
+                                let xq = quad(0);
+                                for q in 0..4 {
+                                    dots[q] = _mm512_dpbusd_epi32(dots[q], raw[q], xq);
+                                }
+                            }
+                            QuantKind::Q4 => {
+                                let (low, high) = (quad(0), quad(4));
+                                for q in 0..4 {
+                                    let lows = _mm512_and_si512(raw[q], nibble);
+                                    let highs = _mm512_and_si512(_mm512_srli_epi16(raw[q], 4), nibble);
+                                    dots[q] = _mm512_dpbusd_epi32(dots[q], lows, low);
+                                    dots[q] = _mm512_dpbusd_epi32(dots[q], highs, high);
+                                }
+                            }
+                        }
+                    }
+                }
+                let scales = &w.scales[(panel * blocks + block) * PANEL..][..PANEL];
+                for (r, (acc, dots)) in acc.iter_mut().zip(&dots).enumerate().take(group) {
+                    let b = (first + r) * blocks + block;
+                    let correction = _mm512_set1_epi32(bias * x.sums[b]);
+                    let row_scale = _mm512_set1_ps(x.scales[b]);
+                    for q in 0..4 {
+                        // SAFETY: `scales` holds PANEL = 4 x 16 floats.
+                        let scale = unsafe { _mm512_loadu_ps(scales.as_ptr().add(16 * q)) };
+                        let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[q], correction));
+                        acc[q] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, row_scale), acc[q]);
                     }
                 }
             }
-            for (acc, partial) in acc.iter_mut().zip(&partial).take(group) {
-                for ((a, &p), &s) in acc.iter_mut().zip(partial).zip(scales) {
-                    *a = p.mul_add(s, *a);
+            for (r, acc) in acc.iter().enumerate().take(group) {
+                for (q, &lanes) in acc.iter().enumerate() {
+                    // SAFETY: row `first + r` of `out` holds PANEL = 4 x 16 floats.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((first + r) * PANEL + 16 * q), lanes) };
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate().take(group) {
-            out[(first + r) * PANEL..(first + r + 1) * PANEL].copy_from_slice(acc);
-        }
+        out
     }
-    out
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn panel_avx512(w: &PackedWeight<'_>, x: &[f32], rows: usize, panel: usize) -> Vec<f32> {
-    panel_body(w, x, rows, panel)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panel_avx2(w: &PackedWeight<'_>, x: &[f32], rows: usize, panel: usize) -> Vec<f32> {
-    panel_body(w, x, rows, panel)
 }
 
 #[cfg(test)]
@@ -291,16 +387,19 @@ mod tests {
         (0..d_input * d_output).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect()
     }
 
+    /// `x W` in f64 with `x` rounded as the kernels round it.
     fn reference(x: &[f32], w: &[f32], rows: usize, d_input: usize, d_output: usize) -> Vec<f32> {
-        let mut y = vec![0f32; rows * d_output];
+        let q = QuantizedRows::new(x, rows, d_input);
+        let mut y = vec![0f64; rows * d_output];
         for r in 0..rows {
             for k in 0..d_input {
+                let xv = f64::from(q.values[r * d_input + k]) * f64::from(q.scales[(r * d_input + k) / BLOCK]);
                 for n in 0..d_output {
-                    y[r * d_output + n] += x[r * d_input + k] * w[k * d_output + n];
+                    y[r * d_output + n] += xv * f64::from(w[k * d_output + n]);
                 }
             }
         }
-        y
+        y.into_iter().map(|v| v as f32).collect()
     }
 
     #[test]
@@ -319,7 +418,12 @@ mod tests {
                 assert!((a - b).abs() <= bound * (1.0 + 1e-5), "{kind:?} at {i}: {a} vs {b} (step {step})");
             }
             let panels = n.div_ceil(PANEL);
-            assert_eq!(packed.bytes(), panels * (kind.panel_row_bytes() * k + 4 * (k / BLOCK) * PANEL));
+            // A byte (q8) or half a byte (q4) per padded weight, and 4 bytes per block of 32.
+            let values = match kind {
+                QuantKind::Q8 => panels * PANEL * k,
+                QuantKind::Q4 => panels * PANEL * k / 2,
+            };
+            assert_eq!(packed.bytes(), values + 4 * panels * PANEL * (k / BLOCK));
         }
     }
 
@@ -330,12 +434,30 @@ mod tests {
         {
             let packed = PackedWeight::quantize(kind, &weight(k, n), k, n);
             let dense = packed.dequantize();
-            for rows in [1, 3, 17] {
+            for rows in [1, 3, 6, 17] {
                 let x: Vec<f32> = (0..rows * k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
                 let got = packed.matmul(&x, rows);
                 let want = reference(&x, &dense, rows, k, n);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{kind:?} {k}x{n} rows {rows} at {i}: {a} vs {b}");
+                let portable: Vec<f32> = {
+                    let q = QuantizedRows::new(&x, rows, k);
+                    let mut out = vec![0f32; rows * n];
+                    for panel in 0..packed.panels() {
+                        let acc = packed.panel_portable(&q, panel);
+                        for r in 0..rows {
+                            for j in 0..PANEL.min(n - panel * PANEL) {
+                                out[r * n + panel * PANEL + j] = acc[r * PANEL + j];
+                            }
+                        }
+                    }
+                    out
+                };
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, ((a, p), b)) in got.iter().zip(&portable).zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{kind:?} {k}x{n} rows {rows} at {i}: {a} vs {b}");
+                    assert!(
+                        (a - p).abs() <= 1e-6 * scale,
+                        "{kind:?} {k}x{n} rows {rows} at {i}: vnni {a} vs portable {p}"
+                    );
                 }
             }
         }

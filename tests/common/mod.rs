@@ -220,6 +220,14 @@ pub fn check_logits_and_greedy_steps(
     eprintln!("{label} {name}: {steps} greedy steps, worst logits relative error {worst:e}");
 }
 
+/// The top-1 minus top-2 logit of each greedy step of a single-prompt reference
+/// (`greedy_margins` of `tests/fixtures/reference/<name>.json`).
+pub fn reference_margins(name: &str) -> Vec<f32> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/reference/{name}.json"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap() as f32).collect()
+}
+
 /// Reference activations written by `scripts/make_fixtures.py`.
 pub struct Reference {
     bytes: Vec<u8>,
