@@ -50,7 +50,7 @@ fn model_steps(c: &mut Criterion) {
     let filled = cache.len();
     c.bench_function("one decode step (batch 1)", |b| {
         b.iter(|| {
-            cache.truncate(filled);
+            cache.truncate(filled).unwrap();
             let step = ModelInputs { input_ids: vec![vec![42]], pixels: None };
             black_box(model.forward(&step, &mut cache).unwrap().into_data())
         })

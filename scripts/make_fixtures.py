@@ -11,9 +11,10 @@ Everything is seeded, so a re-run rewrites the same files (up to library version
 is needed: the tokenizers are trained here on a small built-in corpus. Groups (`--only`): internvl3,
 internvl2-llama-untied, nvlm-d, processor, internvl2-internlm2, internvl-rope-linear, internvl-rope-dynamic,
 internvl-rope-llama3, internvl-rope-yarn, and the Qwen-VL groups qwen_vl_processor, qwen2_5_vl, qwen3_vl (written
-by scripts/fixtures_qwen_vl.py, whose docstring documents them), and the LLaVA-architecture groups pixtral, llava,
-llava_processor (written by scripts/fixtures_llava.py, likewise). Without `--only` models/, reference/ and
-tokenizer/ are wiped first.
+by scripts/fixtures_qwen_vl.py, whose docstring documents them), the LLaVA-architecture groups pixtral, llava,
+llava_processor (written by scripts/fixtures_llava.py, likewise), and the Nemotron groups nemotron_h, nemotron_omni
+(written by scripts/fixtures_nemotron.py, likewise). Without `--only` models/, reference/ and tokenizer/ are wiped
+first.
 
 Layout of the output:
     tests/fixtures/models/<name>/      a checkpoint as a user would download it (config.json, weights,
@@ -59,6 +60,7 @@ Models (every parameter re-randomised; default init leaves norms at 1 and biases
     `rope_attention_scaling` per decoder forward (step 0 = the prompt).
     qwen2_5-vl, qwen2_5-vl-hf5, qwen2_5-vl-tied, qwen3-vl: see scripts/fixtures_qwen_vl.py.
     pixtral, pixtral-hf5, llava, llava-nobias: see scripts/fixtures_llava.py.
+    nemotron-h, nemotron-h-hub, nemotron-omni: see scripts/fixtures_nemotron.py.
 """
 
 import argparse
@@ -1453,8 +1455,15 @@ LLAVA_GROUP_FILES = {
                            "llava-tiny-10x10", "llava-wide-300x41", "llava-tall-30x200", "llava-87x84",
                            "llava-100x57", "llava-alpha-40x30")],
 }
+# Groups written by fixtures_nemotron.py, and the files each owns (nemotron_omni also rewrites images/nemotron-*.png in
+# place).
+NEMOTRON_GROUP_FILES = {
+    "nemotron_h": ["models/nemotron-h", "models/nemotron-h-hub", "reference/nemotron-h.safetensors",
+                   "reference/nemotron-h.json"],
+    "nemotron_omni": ["models/nemotron-omni", "reference/nemotron-omni.safetensors", "reference/nemotron-omni.json"],
+}
 GROUPS = (["internvl3", "internvl2-llama-untied", "nvlm-d", "processor", "internvl2-internlm2"] + list(ROPE_FIXTURES)
-          + list(QWEN_VL_GROUP_FILES) + list(LLAVA_GROUP_FILES))
+          + list(QWEN_VL_GROUP_FILES) + list(LLAVA_GROUP_FILES) + list(NEMOTRON_GROUP_FILES))
 # Files each group owns under tests/fixtures (what `--only` deletes before rewriting).
 GROUP_FILES = {
     "internvl3": ["models/internvl3-hf", "models/internvl3-hf-sharded", "models/internvl3-original",
@@ -1471,6 +1480,7 @@ GROUP_FILES = {
     **{name: [f"models/{name}", f"reference/{name}.safetensors", f"reference/{name}.json"] for name in ROPE_FIXTURES},
     **QWEN_VL_GROUP_FILES,
     **LLAVA_GROUP_FILES,
+    **NEMOTRON_GROUP_FILES,
 }
 
 
@@ -1523,6 +1533,9 @@ def main():
         elif group in LLAVA_GROUP_FILES:
             import fixtures_llava  # imports this module back for the BPE, rerandomise, test_image
             fixtures_llava.make_group(group, out_dir)
+        elif group in NEMOTRON_GROUP_FILES:
+            import fixtures_nemotron  # imports this module (and fixtures_llava) back for the BPE, rerandomise, images
+            fixtures_nemotron.make_group(group, out_dir)
         else:
             make_rope_fixture(out_dir, tok, group)
 

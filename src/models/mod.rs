@@ -5,6 +5,7 @@
 
 pub mod internvl;
 pub mod llava;
+pub mod nemotron_omni;
 pub mod qwen_vl;
 
 use burn::module::Module;

@@ -9,12 +9,15 @@
 
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
+use super::mamba::MambaState;
 use crate::error::{Error, Result};
 
 /// Keys and values of every decoder layer, written in place as tokens arrive.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// The state of each recurrent (Mamba) layer, which summarises every token so far.
+    recurrent: Vec<Option<MambaState>>,
     left_padding: Vec<usize>,
     /// Added to each row's token count to give its position (the "rope delta").
     position_offsets: Vec<i64>,
@@ -32,6 +35,7 @@ impl KvCache {
     pub fn new(num_layers: usize, batch: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            recurrent: (0..num_layers).map(|_| None).collect(),
             left_padding: vec![0; batch],
             position_offsets: vec![0; batch],
             sliding_window: None,
@@ -93,6 +97,7 @@ impl KvCache {
     /// [`set_left_padding`](Self::set_left_padding).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.recurrent.iter_mut().for_each(|state| *state = None);
         self.left_padding.fill(0);
         self.position_offsets.fill(0);
     }
@@ -139,20 +144,71 @@ impl KvCache {
         }
         self.left_padding = rows.iter().map(|&row| self.left_padding[row]).collect();
         self.position_offsets = rows.iter().map(|&row| self.position_offsets[row]).collect();
-        for layer in self.layers.iter_mut().flatten() {
-            let device = layer.0.device();
+        let indices = |device: &Device| {
             let indices: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
-            let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [rows.len()]), &device);
+            Tensor::<1, Int>::from_data(TensorData::new(indices, [rows.len()]), device)
+        };
+        for layer in self.layers.iter_mut().flatten() {
+            let indices = indices(&layer.0.device());
             layer.0 = layer.0.clone().select(0, indices.clone());
             layer.1 = layer.1.clone().select(0, indices);
+        }
+        for state in self.recurrent.iter_mut().flatten() {
+            let indices = indices(&state.conv.device());
+            state.conv = state.conv.clone().select(0, indices.clone());
+            state.ssm = state.ssm.clone().select(0, indices);
         }
         Ok(())
     }
 
     /// Forgets the tokens after the first `len` (no effect if fewer are written), so the next
     /// forward pass continues from there: to re-run a step, or to reuse a shared prompt prefix.
-    pub fn truncate(&mut self, len: usize) {
+    /// A recurrent layer's state cannot be rewound: with one, only `len` >= the tokens written
+    /// (or 0, which clears the cache) is accepted.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len < self.len && self.recurrent.iter().any(Option::is_some) {
+            if len == 0 {
+                let padding = std::mem::take(&mut self.left_padding);
+                self.clear();
+                self.left_padding = padding;
+                return Ok(());
+            }
+            return Err(Error::Input(format!(
+                "cannot rewind to {len} of {} tokens: recurrent layers keep no per-token history",
+                self.len
+            )));
+        }
         self.len = self.len.min(len);
+        Ok(())
+    }
+
+    /// The state of recurrent layer `layer` after the tokens so far (none before them, and none
+    /// for other layers).
+    pub fn recurrent_state(&self, layer: usize) -> Option<&MambaState> {
+        self.recurrent.get(layer).and_then(Option::as_ref)
+    }
+
+    /// Takes the state of recurrent layer `layer` (none before its first tokens).
+    pub(crate) fn take_recurrent(&mut self, layer: usize) -> Option<MambaState> {
+        self.recurrent.get_mut(layer).and_then(Option::take)
+    }
+
+    /// Keeps the state of recurrent layer `layer` after the current tokens.
+    pub(crate) fn put_recurrent(&mut self, layer: usize, state: MambaState) {
+        if let Some(slot) = self.recurrent.get_mut(layer) {
+            *slot = Some(state);
+        }
+    }
+
+    /// Which of the next `seq_len` tokens of each row are not padding, `[batch, seq_len, 1]`;
+    /// `None` when none is.
+    pub fn real_tokens(&self, seq_len: usize, device: &Device) -> Option<Tensor<3, Bool>> {
+        if self.left_padding.iter().all(|&pad| pad <= self.len) {
+            return None;
+        }
+        let real: Vec<bool> =
+            self.left_padding.iter().flat_map(|&pad| (0..seq_len).map(move |t| self.len + t >= pad)).collect();
+        Some(Tensor::from_data(TensorData::new(real, [self.batch_size(), seq_len, 1]), device))
     }
 
     /// Checks that `seq_len` more tokens fit.

@@ -4,7 +4,9 @@
 pub mod attention;
 pub mod kv_cache;
 pub mod linear;
+pub mod mamba;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod rope;

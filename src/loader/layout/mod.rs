@@ -6,6 +6,7 @@
 
 pub mod internvl;
 pub mod llava;
+pub mod nemotron;
 pub mod qwen_vl;
 
 /// A place in the checkpoint that fills one parameter.
