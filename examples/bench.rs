@@ -123,7 +123,8 @@ fn config(size: &str) -> anyhow::Result<InternVlConfig> {
         hidden_size: hidden,
         output_size: hidden,
         bias: true,
-        layer_norm_eps: Some(1e-5),
+        norm: Some(NormKind::LayerNorm),
+        norm_eps: 1e-5,
         activation: Activation::Gelu,
     };
     Ok(InternVlConfig { vision, projector, text, image_token_id: Some(151_667), ..InternVlConfig::tiny() })

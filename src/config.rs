@@ -12,8 +12,10 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 pub use crate::models::internvl::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
 pub use crate::models::llava::config::LlavaCheckpoint;
+pub use crate::models::nemotron_omni::config::NemotronOmniCheckpoint;
 pub use crate::models::qwen_vl::config::QwenVlCheckpoint;
 use crate::nn::Activation;
+use crate::nn::quant::QuantKind;
 use crate::nn::rope::{MultimodalRope, RopeScaling, yarn_attention_factor};
 use crate::text::TextConfig;
 
@@ -41,11 +43,14 @@ pub enum Architecture {
     Qwen3Vl,
     /// `LlavaForConditionalGeneration` (Pixtral-12B, LLaVA-1.5).
     Llava,
+    /// `NemotronH_Omni_Reasoning_V3` (NVIDIA Nemotron 3 Nano Omni).
+    NemotronOmni,
 }
 
 impl Architecture {
     const SUPPORTED: &'static str = "InternVLForConditionalGeneration, InternVLChatModel, NVLM_D, \
-        Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, LlavaForConditionalGeneration";
+        Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, LlavaForConditionalGeneration, \
+        NemotronH_Omni_Reasoning_V3";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -55,6 +60,7 @@ impl Architecture {
             "Qwen2_5_VLForConditionalGeneration" => Some(Self::Qwen2_5Vl),
             "Qwen3VLForConditionalGeneration" => Some(Self::Qwen3Vl),
             "LlavaForConditionalGeneration" => Some(Self::Llava),
+            "NemotronH_Omni_Reasoning_V3" | "NemotronH_Nano_Omni_Reasoning_V3" => Some(Self::NemotronOmni),
             _ => None,
         }
     }
@@ -81,6 +87,8 @@ pub enum FamilyConfig {
     QwenVl(QwenVlCheckpoint),
     /// The Llava layout: Pixtral-12B and LLaVA-1.5.
     Llava(LlavaCheckpoint),
+    /// Nemotron 3 Nano Omni.
+    NemotronOmni(NemotronOmniCheckpoint),
 }
 
 impl CheckpointConfig {
@@ -92,8 +100,8 @@ impl CheckpointConfig {
 
     /// Parses the contents of a `config.json`; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let head: Head =
-            serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        // Python-written files may hold bare `Infinity` (Nemotron-H's `time_step_limit`).
+        let head: Head = crate::models::nemotron_omni::config::parse_lenient(text, path)?;
         let architecture =
             head.architectures.iter().find_map(|name| Architecture::from_name(name)).ok_or_else(|| {
                 Error::UnsupportedArchitecture {
@@ -115,6 +123,10 @@ impl CheckpointConfig {
                 let (checkpoint, dtype) = LlavaCheckpoint::parse(architecture, text, path)?;
                 (FamilyConfig::Llava(checkpoint), dtype)
             }
+            Architecture::NemotronOmni => {
+                let (checkpoint, dtype) = NemotronOmniCheckpoint::parse(architecture, text, path)?;
+                (FamilyConfig::NemotronOmni(checkpoint), dtype)
+            }
         };
         Ok(Self { architecture, family, dtype })
     }
@@ -123,25 +135,44 @@ impl CheckpointConfig {
     pub fn internvl(&self) -> Option<&InternVlCheckpoint> {
         match &self.family {
             FamilyConfig::InternVl(checkpoint) => Some(checkpoint),
-            FamilyConfig::QwenVl(_) | FamilyConfig::Llava(_) => None,
+            _ => None,
         }
     }
 
-    /// The decoder's configuration.
-    pub fn text(&self) -> &TextConfig {
+    /// The configuration of a Llama-family (transformer) decoder, if the checkpoint has one
+    /// (Nemotron Omni's hybrid decoder is not).
+    pub fn text(&self) -> Option<&TextConfig> {
         match &self.family {
-            FamilyConfig::InternVl(checkpoint) => &checkpoint.model.text,
-            FamilyConfig::QwenVl(checkpoint) => &checkpoint.model.text,
-            FamilyConfig::Llava(checkpoint) => &checkpoint.model.text,
+            FamilyConfig::InternVl(checkpoint) => Some(&checkpoint.model.text),
+            FamilyConfig::QwenVl(checkpoint) => Some(&checkpoint.model.text),
+            FamilyConfig::Llava(checkpoint) => Some(&checkpoint.model.text),
+            FamilyConfig::NemotronOmni(_) => None,
         }
     }
 
-    /// The decoder's configuration, to adjust before the model is built.
-    pub fn text_mut(&mut self) -> &mut TextConfig {
+    /// The longest sequence the decoder is meant for, in tokens.
+    pub fn context_length(&self) -> usize {
+        match &self.family {
+            FamilyConfig::NemotronOmni(checkpoint) => checkpoint.model.text.max_position_embeddings,
+            _ => self.text().map_or(0, TextConfig::context_length),
+        }
+    }
+
+    /// Whether the output projection reuses the token embeddings.
+    pub fn tie_word_embeddings(&self) -> bool {
+        match &self.family {
+            FamilyConfig::NemotronOmni(checkpoint) => checkpoint.model.text.tie_word_embeddings,
+            _ => self.text().is_some_and(|text| text.tie_word_embeddings),
+        }
+    }
+
+    /// Sets how the decoder's linear layers are quantized as they load.
+    pub fn set_quantization(&mut self, quantization: Option<QuantKind>) {
         match &mut self.family {
-            FamilyConfig::InternVl(checkpoint) => &mut checkpoint.model.text,
-            FamilyConfig::QwenVl(checkpoint) => &mut checkpoint.model.text,
-            FamilyConfig::Llava(checkpoint) => &mut checkpoint.model.text,
+            FamilyConfig::InternVl(checkpoint) => checkpoint.model.text.quantization = quantization,
+            FamilyConfig::QwenVl(checkpoint) => checkpoint.model.text.quantization = quantization,
+            FamilyConfig::Llava(checkpoint) => checkpoint.model.text.quantization = quantization,
+            FamilyConfig::NemotronOmni(checkpoint) => checkpoint.model.text.quantization = quantization,
         }
     }
 }
@@ -576,14 +607,14 @@ mod tests {
         let v4 = text_with(r#""rope_theta": 500000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}"#).unwrap();
         let v5 =
             text_with(r#""rope_parameters": {"rope_type": "dynamic", "factor": 2, "rope_theta": 500000}"#).unwrap();
-        assert_eq!(v4.text().rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
+        assert_eq!(v4.text().unwrap().rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
         assert_eq!(v4.text(), v5.text());
         let llama3 = text_with(
             r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192}"#,
         )
         .unwrap();
-        assert!(matches!(llama3.text().rope_scaling, RopeScaling::Llama3 { factor: 8.0, .. }));
+        assert!(matches!(llama3.text().unwrap().rope_scaling, RopeScaling::Llama3 { factor: 8.0, .. }));
         // YaRN's defaults: beta 32 / 1, the original context from max_position_embeddings, 0.1 ln(f) + 1.
         let yarn = text_with(r#""rope_scaling": {"type": "yarn", "factor": 4.0}"#).unwrap();
         let RopeScaling::Yarn {
@@ -593,9 +624,9 @@ mod tests {
             attention_factor,
             truncate,
             ..
-        } = yarn.text().rope_scaling
+        } = yarn.text().unwrap().rope_scaling
         else {
-            panic!("{:?}", yarn.text().rope_scaling)
+            panic!("{:?}", yarn.text().unwrap().rope_scaling)
         };
         assert_eq!((original_max_position_embeddings, beta_fast, beta_slow, truncate), (4096.0, 32.0, 1.0, true));
         assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);

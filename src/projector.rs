@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{Activation, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use crate::nn::{Activation, Linear, LinearConfig, Norm, NormConfig, NormKind};
 
 /// OpenGVLab's `ps_version`: v1 omits the final transpose of v2 (transformers always does v2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +46,11 @@ pub struct ProjectorConfig {
     pub output_size: usize,
     /// Whether the two linear layers have biases (NVLM-D's do not).
     pub bias: bool,
-    /// Epsilon of the input LayerNorm (InternVL's); `None` for none (LLaVA's projector).
-    pub layer_norm_eps: Option<f64>,
+    /// The norm of the input: InternVL's LayerNorm, Nemotron Omni's RMSNorm; `None` for none
+    /// (LLaVA's projector).
+    pub norm: Option<NormKind>,
+    /// Its epsilon.
+    pub norm_eps: f64,
     /// Activation between the linear layers.
     pub activation: Activation,
 }
@@ -63,8 +66,8 @@ impl ProjectorConfig {
     pub fn init(&self, device: &Device) -> MultiModalProjector {
         MultiModalProjector {
             layer_norm: self
-                .layer_norm_eps
-                .map(|eps| LayerNormConfig { d_model: self.input_size, eps, bias: true }.init(device)),
+                .norm
+                .map(|kind| NormConfig { kind, d_model: self.input_size, eps: self.norm_eps }.init(device)),
             linear_1: LinearConfig::new(self.input_size, self.hidden_size, self.bias).init(device),
             linear_2: LinearConfig::new(self.hidden_size, self.output_size, self.bias).init(device),
             activation: self.activation,
@@ -72,11 +75,11 @@ impl ProjectorConfig {
     }
 }
 
-/// `linear_2(act(linear_1(layer_norm(x))))` (InternVL), or without the norm (LLaVA).
+/// `linear_2(act(linear_1(norm(x))))` (InternVL, Nemotron Omni), or without the norm (LLaVA).
 #[derive(Module, Debug)]
 pub struct MultiModalProjector {
-    /// LayerNorm over the shuffled vision token.
-    pub layer_norm: Option<LayerNorm>,
+    /// Norm over the shuffled vision token.
+    pub layer_norm: Option<Norm>,
     /// `[hidden, input]`
     pub linear_1: Linear,
     /// `[output, hidden]`

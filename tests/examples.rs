@@ -122,11 +122,13 @@ fn bench_prints_every_row_of_the_standard_workload_as_json() {
 }
 
 #[test]
-fn describe_runs_pixtral_and_llava_checkpoints_as_transformers() {
-    // transformers' generate on the same prompts (tests/fixtures/reference/{pixtral,llava}.json, "single").
+fn describe_runs_pixtral_llava_and_nemotron_omni_checkpoints_as_transformers() {
+    // transformers' generate on the same prompts (tests/fixtures/reference/{pixtral,llava,nemotron-omni}.json,
+    // "single").
     for (checkpoint, image, prompt_tokens, tokens) in [
         ("pixtral", "pixtral-200x120.png", 56, [53, 78, 192, 431, 78, 140, 431, 222]),
         ("llava", "llava-120x80.png", 49, [53, 246, 153, 230, 330, 378, 243, 243]),
+        ("nemotron-omni", "nemotron-200x90.png", 43, [340, 216, 102, 270, 367, 159, 425, 168]),
     ] {
         let output = Command::new(example("describe"))
             .args(["--model", model_dir(checkpoint).to_str().unwrap(), "--image", &common::fixture_image(image)])

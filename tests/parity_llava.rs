@@ -116,7 +116,7 @@ fn a_sliding_window_decoder_matches_transformers() {
     let copy = common::Scratch::of("pixtral");
     copy.edit_json("config.json", |json| json["text_config"]["sliding_window"] = window.into());
     let (config, model) = vlm::loader::load(copy.dir.path(), &vlm::device::cpu()).unwrap();
-    assert_eq!(config.text().sliding_window, Some(window as usize));
+    assert_eq!(config.text().unwrap().sliding_window, Some(window as usize));
     let vlm::models::Model::Llava(model) = model else { panic!("not a Llava model") };
     let reference = Reference::load("pixtral-sliding");
     for name in ["single", "two_images"] {

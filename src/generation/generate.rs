@@ -164,7 +164,7 @@ impl<'a> Generator<'a> {
         };
         let max_new_tokens = configs.iter().map(max_new).max().unwrap_or(0);
         let longest = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-        let context = model.text_config().context_length();
+        let context = model.context_length();
         if longest == 0 {
             return Err(Error::Input("empty prompt".into()));
         }

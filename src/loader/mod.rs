@@ -19,6 +19,7 @@ use crate::config::{CheckpointConfig, FamilyConfig, InternVlCheckpoint};
 use crate::error::{Error, Result};
 use crate::models::{InternVlModel, Model};
 use crate::nn::quant::{PackedWeight, QuantKind};
+use crate::vision::RadioVisionConfig;
 
 /// How a checkpoint is loaded, beyond what its files say.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,11 +39,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<(CheckpointConfig, Model)> {
 /// [`load`] with options (quantization).
 pub fn load_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<(CheckpointConfig, Model)> {
     let mut config = CheckpointConfig::from_file(&dir.join("config.json"))?;
-    config.text_mut().quantization = options.quantize;
+    config.set_quantization(options.quantize);
     let files = WeightFiles::open(dir)?;
     let config_path = dir.join("config.json");
     // A quantized model keeps an 8-bit copy of tied embeddings as its output projection.
-    let quantized_tied_head = options.quantize.is_some() && config.text().tie_word_embeddings;
+    let quantized_tied_head = options.quantize.is_some() && config.tie_word_embeddings();
     let head = |canonical: &str| -> String {
         if quantized_tied_head && canonical == "lm_head.weight" {
             "language_model.embed_tokens.weight".into()
@@ -80,6 +81,14 @@ pub fn load_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<(
             let sources = |canonical: &str| layout::llava::sources(&head(canonical));
             Model::Llava(fill(model.init(device), &files, &sources, &ignored, device)?)
         }
+        FamilyConfig::NemotronOmni(checkpoint) => {
+            settle_radio(&mut checkpoint.model.vision, &files, &config_path)?;
+            let model = &checkpoint.model;
+            let layers = model.vision.num_hidden_layers as u128 + model.text.layers.len() as u128;
+            check_size(model.min_parameters(), layers, &files, &config_path)?;
+            let ignored: Vec<&str> = files.names().filter(|name| layout::nemotron::is_ignored(name)).collect();
+            Model::NemotronOmni(fill(model.init(device), &files, &layout::nemotron::omni_sources, &ignored, device)?)
+        }
     };
     Ok((config, model))
 }
@@ -89,12 +98,35 @@ pub fn load_internvl(dir: &Path, device: &Device) -> Result<(CheckpointConfig, I
     let (config, model) = load(dir, device)?;
     match model {
         Model::InternVl(model) => Ok((config, model)),
-        Model::QwenVl(_) | Model::Llava(_) => Err(Error::UnsupportedArchitecture {
+        _ => Err(Error::UnsupportedArchitecture {
             path: dir.join("config.json"),
             architectures: vec![format!("{:?}", config.architecture)],
             supported: "InternVL-family architectures (use loader::load for any family)".into(),
         }),
     }
+}
+
+/// Reads what the RADIO tower's shape leaves to the weights: its prefix tokens (CLS and registers),
+/// the side of its position table (remote-code configs do not state them) and whether its blocks
+/// have layer scales (the published checkpoint's do not).
+fn settle_radio(vision: &mut RadioVisionConfig, files: &WeightFiles, path: &Path) -> Result<()> {
+    let shape = |name: &str| files.get(&format!("{}{name}", layout::nemotron::RADIO)).map(|entry| entry.shape.clone());
+    if let Some(shape) = shape("patch_generator.cls_token.token") {
+        vision.prefix_tokens = shape[0];
+    }
+    if let Some(shape) = shape("patch_generator.pos_embed") {
+        let cells = shape.get(1).copied().unwrap_or(0);
+        let side = cells.isqrt();
+        if side == 0 || side * side != cells {
+            return Err(Error::config(
+                path,
+                format!("the RADIO position table holds {cells} cells, not a square grid"),
+            ));
+        }
+        vision.position_grid = side;
+    }
+    vision.layer_scale = shape("blocks.0.layer_scale1.lambda1").is_some();
+    Ok(())
 }
 
 /// Where an InternVL checkpoint may store a tied `lm_head` anyway (never used).

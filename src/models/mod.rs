@@ -13,6 +13,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 pub use internvl::{InternVlConfig, InternVlModel, InternVlVariant};
 pub use llava::{LlavaConfig, LlavaModel};
+pub use nemotron_omni::{NemotronOmniConfig, NemotronOmniModel};
 pub use qwen_vl::{QwenVlConfig, QwenVlModel, QwenVlVariant};
 
 use crate::error::{Error, Result};
@@ -29,7 +30,7 @@ pub enum Pixels {
     /// Normalised images at their own sizes, `[3, height, width]` each, in prompt order (Pixtral).
     Images(Vec<Tensor<3>>),
     /// Flattened patches `[patches, channels * temporal * patch^2]` of every image and video, in
-    /// prompt order, each in merge-block order (Qwen-VL).
+    /// prompt order: each in merge-block order (Qwen-VL), or row-major (Nemotron Omni, `t` 1).
     Patches {
         /// The patches.
         values: Tensor<2>,
@@ -38,7 +39,7 @@ pub enum Pixels {
     },
 }
 
-/// The patch grid of one image or video of a Qwen-VL prompt.
+/// The patch grid of one image or video of a Qwen-VL or Nemotron Omni prompt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PatchGrid {
     /// `t x h x w` patches.
@@ -109,6 +110,8 @@ pub enum Model {
     QwenVl(QwenVlModel),
     /// The Llava layout: Pixtral-12B and LLaVA-1.5.
     Llava(LlavaModel),
+    /// NVIDIA's Nemotron 3 Nano Omni (images; its audio tower is not loaded).
+    NemotronOmni(NemotronOmniModel),
 }
 
 impl Model {
@@ -122,6 +125,7 @@ impl Model {
             Model::InternVl(model) => model.forward_embeds(model.embed_inputs(inputs)?, cache),
             Model::QwenVl(model) => model.hidden_states(inputs, cache),
             Model::Llava(model) => model.hidden_states(inputs, cache),
+            Model::NemotronOmni(model) => model.hidden_states(inputs, cache),
         }
     }
 
@@ -135,6 +139,7 @@ impl Model {
             Model::InternVl(model) => model.logits(hidden),
             Model::QwenVl(model) => model.logits(hidden),
             Model::Llava(model) => model.logits(hidden),
+            Model::NemotronOmni(model) => model.logits(hidden),
         }
     }
 
@@ -147,17 +152,33 @@ impl Model {
         Ok(self.logits(self.hidden_states(inputs, cache)?))
     }
 
-    /// An empty KV cache for `batch` sequences of up to `capacity` tokens.
+    /// An empty cache (attention keys and values, and recurrent states where the decoder has
+    /// them) for `batch` sequences of up to `capacity` tokens.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
-        self.text_config().new_cache(batch, capacity)
+        match self {
+            Model::InternVl(model) => model.config().text.new_cache(batch, capacity),
+            Model::QwenVl(model) => model.new_cache(batch, capacity),
+            Model::Llava(model) => model.new_cache(batch, capacity),
+            Model::NemotronOmni(model) => model.new_cache(batch, capacity),
+        }
     }
 
-    /// The decoder's configuration.
-    pub fn text_config(&self) -> &TextConfig {
+    /// The configuration of a Llama-family (transformer) decoder, if the model has one (Nemotron
+    /// Omni's hybrid decoder is not).
+    pub fn text_config(&self) -> Option<&TextConfig> {
         match self {
-            Model::InternVl(model) => &model.config().text,
-            Model::QwenVl(model) => &model.config().text,
-            Model::Llava(model) => &model.config().text,
+            Model::InternVl(model) => Some(&model.config().text),
+            Model::QwenVl(model) => Some(&model.config().text),
+            Model::Llava(model) => Some(&model.config().text),
+            Model::NemotronOmni(_) => None,
+        }
+    }
+
+    /// The longest sequence the decoder is meant for, in tokens.
+    pub fn context_length(&self) -> usize {
+        match self {
+            Model::NemotronOmni(model) => model.config().text.max_position_embeddings,
+            _ => self.text_config().map_or(0, TextConfig::context_length),
         }
     }
 
@@ -167,6 +188,7 @@ impl Model {
             Model::InternVl(model) => model.config().image_token_id.into_iter().collect(),
             Model::QwenVl(model) => vec![model.config().image_token_id, model.config().video_token_id],
             Model::Llava(model) => vec![model.config().image_token_id],
+            Model::NemotronOmni(model) => vec![model.config().image_token_id],
         }
     }
 
@@ -176,6 +198,7 @@ impl Model {
             Model::InternVl(model) => model.language_model.device(),
             Model::QwenVl(model) => model.language_model.device(),
             Model::Llava(model) => model.language_model.device(),
+            Model::NemotronOmni(model) => model.language_model.device(),
         }
     }
 
@@ -204,6 +227,14 @@ impl Model {
     pub fn as_llava(&self) -> Option<&LlavaModel> {
         match self {
             Model::Llava(model) => Some(model),
+            _ => None,
+        }
+    }
+
+    /// The Nemotron Omni model, if this is one.
+    pub fn as_nemotron_omni(&self) -> Option<&NemotronOmniModel> {
+        match self {
+            Model::NemotronOmni(model) => Some(model),
             _ => None,
         }
     }

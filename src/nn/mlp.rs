@@ -23,6 +23,9 @@ pub enum Activation {
     /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
     #[serde(alias = "gelu_new")]
     GeluPytorchTanh,
+    /// `relu(x)^2` (`"relu2"`, Nemotron).
+    #[serde(rename = "relu2")]
+    Relu2,
 }
 
 impl Activation {
@@ -32,6 +35,7 @@ impl Activation {
             Activation::Silu => silu(x),
             Activation::Gelu => gelu(x),
             Activation::QuickGelu => x.clone() * burn::tensor::activation::sigmoid(x * 1.702),
+            Activation::Relu2 => burn::tensor::activation::relu(x).powi_scalar(2),
             Activation::GeluPytorchTanh => {
                 let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
                 x * (inner.tanh() + 1.0) * 0.5

@@ -214,6 +214,23 @@ fn resize_pass(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     RgbImage::from_raw(width, height, target.into_vec()).expect("the resizer fills the whole buffer")
 }
 
+/// Bicubic resize with the same filter as [`resize`] on floating-point levels, as torchvision's
+/// antialiased bicubic computes it on a float tensor: no rounding between or after the passes and
+/// no clipping (overshoot below 0 and above 255 is kept). Returns interleaved RGB levels.
+pub fn resize_levels(image: &RgbImage, width: u32, height: u32) -> Vec<f32> {
+    let levels: Vec<f32> = image.as_raw().iter().map(|&level| f32::from(level)).collect();
+    if image.dimensions() == (width, height) {
+        return levels;
+    }
+    let bytes: Vec<u8> = levels.iter().flat_map(|level| level.to_ne_bytes()).collect();
+    let source = ImageRef::new(image.width(), image.height(), &bytes, PixelType::F32x3)
+        .expect("an RgbImage's levels always match its dimensions");
+    let mut target = ResizeBuffer::new(width, height, PixelType::F32x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    Resizer::new().resize(&source, &mut target, &options).expect("F32x3 to F32x3 resizing is supported");
+    target.buffer().chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
 /// The `size x size` square whose top-left corner is at (`x`, `y`).
 pub fn crop(image: &RgbImage, x: u32, y: u32, size: u32) -> RgbImage {
     image::imageops::crop_imm(image, x, y, size, size).to_image()

@@ -10,6 +10,7 @@ pub mod image;
 pub mod internvl;
 pub mod llava;
 pub mod message;
+pub mod nemotron_omni;
 pub mod pixtral;
 pub mod prompt;
 pub mod qwen_vl;
@@ -26,6 +27,7 @@ pub use self::image::{AlphaMode, Image, ImageLimits, Normalization};
 pub use self::internvl::InternVlImages;
 pub use self::llava::LlavaImages;
 pub use self::message::{Content, Media, Message, Role};
+pub use self::nemotron_omni::NemotronOmniImages;
 pub use self::pixtral::PixtralImages;
 pub use self::prompt::ImagePlaceholders;
 pub use self::qwen_vl::QwenVlImages;
@@ -48,6 +50,8 @@ pub enum ImageProcessor {
     Pixtral(PixtralImages),
     /// LLaVA-1.5: one centre crop per image.
     Llava(LlavaImages),
+    /// Nemotron Omni: each image whole, stretched to its own patch grid.
+    NemotronOmni(NemotronOmniImages),
 }
 
 impl ImageProcessor {
@@ -60,6 +64,9 @@ impl ImageProcessor {
                 LlavaVisionConfig::Pixtral(_) => Ok(Self::Pixtral(PixtralImages::from_dir(dir, llava, tokenizer)?)),
                 LlavaVisionConfig::Clip(_) => Ok(Self::Llava(LlavaImages::from_dir(dir, llava, tokenizer)?)),
             },
+            FamilyConfig::NemotronOmni(omni) => {
+                Ok(Self::NemotronOmni(NemotronOmniImages::from_dir(dir, omni, tokenizer)?))
+            }
         }
     }
 
@@ -68,7 +75,10 @@ impl ImageProcessor {
     fn structured_content(&self) -> bool {
         match self {
             ImageProcessor::InternVl(images) => images.placeholders.structured_content(),
-            ImageProcessor::QwenVl(_) | ImageProcessor::Pixtral(_) | ImageProcessor::Llava(_) => true,
+            ImageProcessor::QwenVl(_)
+            | ImageProcessor::Pixtral(_)
+            | ImageProcessor::Llava(_)
+            | ImageProcessor::NemotronOmni(_) => true,
         }
     }
 
@@ -86,6 +96,7 @@ impl ImageProcessor {
             ImageProcessor::QwenVl(images) => images.image_token.clone(),
             ImageProcessor::Pixtral(images) => images.image_token.clone(),
             ImageProcessor::Llava(images) => images.image_token.clone(),
+            ImageProcessor::NemotronOmni(images) => images.image_token.clone(),
         }
     }
 
@@ -96,6 +107,7 @@ impl ImageProcessor {
             ImageProcessor::QwenVl(qwen) => qwen.plan(media, options),
             ImageProcessor::Pixtral(pixtral) => pixtral.plan(&still_images(media, "Pixtral")?),
             ImageProcessor::Llava(llava) => llava.plan(&still_images(media, "LLaVA")?),
+            ImageProcessor::NemotronOmni(omni) => omni.plan(media, options),
         }
     }
 
@@ -106,6 +118,7 @@ impl ImageProcessor {
             ImageProcessor::QwenVl(qwen) => qwen.expand(rendered, visuals),
             ImageProcessor::Pixtral(pixtral) => pixtral.expand(rendered, visuals),
             ImageProcessor::Llava(llava) => llava.expand(rendered, visuals),
+            ImageProcessor::NemotronOmni(omni) => omni.expand(rendered, visuals),
         }
     }
 
@@ -116,6 +129,7 @@ impl ImageProcessor {
             ImageProcessor::QwenVl(qwen) => vec![qwen.image_token_id, qwen.video_token_id],
             ImageProcessor::Pixtral(pixtral) => vec![pixtral.image_token_id],
             ImageProcessor::Llava(llava) => vec![llava.image_token_id],
+            ImageProcessor::NemotronOmni(omni) => vec![omni.image_token_id],
         }
     }
 
@@ -128,6 +142,7 @@ impl ImageProcessor {
             ImageProcessor::QwenVl(qwen) => qwen.pixel_values(media, visuals),
             ImageProcessor::Pixtral(pixtral) => pixtral.pixel_values(&still_images(media, "Pixtral")?, visuals),
             ImageProcessor::Llava(llava) => llava.pixel_values(&still_images(media, "LLaVA")?),
+            ImageProcessor::NemotronOmni(omni) => omni.pixel_values(&still_images(media, "Nemotron Omni")?, visuals),
         }
     }
 }
@@ -202,7 +217,7 @@ impl Processor {
         let template = ChatTemplate::from_dir(dir)?
             .ok_or_else(|| Error::Template(format!("{} has no chat template", dir.display())))?;
         let images = ImageProcessor::from_dir(dir, checkpoint, &tokenizer)?;
-        Ok(Self { images, tokenizer, template, max_context: checkpoint.text().context_length() })
+        Ok(Self { images, tokenizer, template, max_context: checkpoint.context_length() })
     }
 
     /// Assembles a processor from its parts.

@@ -102,10 +102,7 @@ impl InternVlCheckpoint {
             ));
         }
         check_positive(
-            &[
-                ("vision_config.layer_norm_eps", v.layer_norm_eps),
-                ("projector layer_norm_eps", p.layer_norm_eps.unwrap_or(1.0)),
-            ],
+            &[("vision_config.layer_norm_eps", v.layer_norm_eps), ("projector layer_norm_eps", p.norm_eps)],
             path,
         )?;
         let layers = v.num_hidden_layers as i64;
@@ -221,7 +218,8 @@ impl HfConfig {
             hidden_size: text.hidden_size,
             output_size: text.hidden_size,
             bias: true,
-            layer_norm_eps: Some(1e-5),
+            norm: Some(NormKind::LayerNorm),
+            norm_eps: 1e-5,
             activation: self.projector_hidden_act,
         };
         let dtype = self.dtype.or(self.torch_dtype).or_else(|| self.text_config.dtype());
@@ -332,7 +330,8 @@ impl OriginalConfig {
             hidden_size: if nvlm { text.intermediate_size } else { text.hidden_size },
             output_size: text.hidden_size,
             bias: !nvlm,
-            layer_norm_eps: Some(1e-5),
+            norm: Some(NormKind::LayerNorm),
+            norm_eps: 1e-5,
             activation: Activation::Gelu,
         };
         let dtype = self.dtype.or(self.torch_dtype).or_else(|| self.llm_config.dtype());
@@ -492,7 +491,7 @@ mod tests {
             "rope_parameters": {{"rope_theta": 1000000, "rope_type": "default"}}}}}}"#
         );
         let (v4, v5) = (checkpoint(&v4).unwrap(), checkpoint(&v5).unwrap());
-        assert_eq!(v4.text().rope_theta, 1e6);
+        assert_eq!(v4.text().unwrap().rope_theta, 1e6);
         assert_eq!(v4, v5);
         assert_eq!(v5.dtype.as_deref(), Some("bfloat16"));
     }

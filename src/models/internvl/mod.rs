@@ -10,7 +10,7 @@ pub mod config;
 pub use self::config::{CheckpointLayout, InternVlCheckpoint, TilingDefaults};
 use super::{ModelInputs, Pixels, scatter_features};
 use crate::error::{Error, Result};
-use crate::nn::{KvCache, Linear};
+use crate::nn::{KvCache, Linear, NormKind};
 use crate::projector::{MultiModalProjector, PixelShuffleVersion, ProjectorConfig, pixel_shuffle};
 use crate::text::{TextConfig, TextModel};
 use crate::vision::{InternVit, InternVitConfig};
@@ -67,7 +67,8 @@ impl InternVlConfig {
                 hidden_size: text.hidden_size,
                 output_size: text.hidden_size,
                 bias: true,
-                layer_norm_eps: Some(1e-5),
+                norm: Some(NormKind::LayerNorm),
+                norm_eps: 1e-5,
                 activation: crate::nn::Activation::Gelu,
             },
             vision,

@@ -105,7 +105,8 @@ impl LlavaCheckpoint {
             hidden_size: text_config.hidden_size,
             output_size: text_config.hidden_size,
             bias: top.multimodal_projector_bias.unwrap_or(true),
-            layer_norm_eps: None,
+            norm: None,
+            norm_eps: 0.0,
             activation: top.projector_hidden_act.unwrap_or(Activation::Gelu),
         };
         let model = LlavaConfig {
@@ -303,7 +304,7 @@ mod tests {
             (vec![-2], FeatureSelection::Default, 32_000)
         );
         assert_eq!(model.feature_indexes(), vec![23]);
-        assert!(model.projector.bias && model.projector.layer_norm_eps.is_none());
+        assert!(model.projector.bias && model.projector.norm.is_none());
         assert_eq!(
             (model.projector.input_size, model.projector.hidden_size, model.projector.activation),
             (1024, 4096, Activation::Gelu)

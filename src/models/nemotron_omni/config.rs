@@ -1,5 +1,6 @@
 //! Nemotron 3 Nano Omni's `config.json` (`nemotron_h_omni`): its Nemotron-H decoder
-//! (`text_config`, or `llm_config` in remote-code files) and, for the standalone decoder,
+//! (`text_config`, or `llm_config` in remote-code files), its RADIO tower (`vision_config`, whose
+//! defaults are the published ViT-H) and the projector; and, for the standalone decoder,
 //! `NemotronHForCausalLM`'s own file. transformers 5 writes `layers_block_type`; hub files a
 //! `hybrid_override_pattern` string and Python's bare `Infinity` in `time_step_limit`, which strict
 //! JSON refuses (the value is unused: it is read leniently).
@@ -8,11 +9,163 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{check_dimensions, check_positive};
+use super::NemotronOmniConfig;
+use crate::config::{Architecture, check_dimensions, check_positive};
 use crate::error::{Error, Result};
 use crate::nn::mamba::Mamba2Config;
 use crate::nn::moe::MoeConfig;
+use crate::nn::{Activation, NormKind};
+use crate::projector::ProjectorConfig;
 use crate::text::nemotron_h::{LayerType, NemotronHConfig};
+use crate::vision::RadioVisionConfig;
+
+/// A Nemotron Omni checkpoint's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NemotronOmniCheckpoint {
+    /// The model.
+    pub model: NemotronOmniConfig,
+}
+
+/// The top level of `config.json`; 5.x names first, the remote-code names they replace after.
+#[derive(Deserialize)]
+struct TopJson {
+    text_config: Option<NemotronHJson>,
+    llm_config: Option<NemotronHJson>,
+    vision_config: Option<RadioJson>,
+    downsample_ratio: Option<f64>,
+    projector_hidden_size: Option<usize>,
+    vision_hidden_size: Option<usize>,
+    vit_hidden_size: Option<usize>,
+    image_token_id: Option<u32>,
+    img_context_token_id: Option<u32>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+/// `RadioConfig`'s fields; `None` takes the class default (the published ViT-H).
+#[derive(Deserialize, Default)]
+struct RadioJson {
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    mlp_ratio: Option<f64>,
+    hidden_act: Option<Activation>,
+    layer_norm_eps: Option<f64>,
+    qkv_bias: Option<bool>,
+    use_swiglu_ffn: Option<bool>,
+    num_channels: Option<usize>,
+    patch_size: Option<usize>,
+    max_img_size: Option<usize>,
+    num_cls_tokens: Option<usize>,
+    num_registers: Option<usize>,
+}
+
+impl NemotronOmniCheckpoint {
+    /// Parses and validates `config.json` of `NemotronH_Omni_Reasoning_V3`; also returns the dtype
+    /// the file states. The tower's prefix tokens, position table and layer scales are settled
+    /// against the weights by the loader.
+    pub(crate) fn parse(_architecture: Architecture, text: &str, path: &Path) -> Result<(Self, Option<String>)> {
+        let top: TopJson = parse_lenient(text, path)?;
+        let fail = |message: String| Err(Error::config(path, message));
+        let text_json = top.text_config.or(top.llm_config).unwrap_or_default();
+        if let Some(layers) = text_json.num_nextn_predict_layers.filter(|&layers| layers > 0) {
+            // Such checkpoints (Nemotron 3.5 Super VL) also carry a final LayerNorm on the tower.
+            return fail(format!(
+                "num_nextn_predict_layers {layers}: multi-token-prediction checkpoints are not supported"
+            ));
+        }
+        let text_config = text_json.convert(path)?;
+        let v = top.vision_config.unwrap_or_default();
+        let hidden_size = v.hidden_size.unwrap_or(1280);
+        if v.use_swiglu_ffn == Some(true) {
+            return fail("a RADIO tower with SwiGLU MLPs (use_swiglu_ffn) is not supported".into());
+        }
+        if v.qkv_bias == Some(false) {
+            return fail("a RADIO tower without q/k/v biases (qkv_bias false) is not supported".into());
+        }
+        let mlp_ratio = v.mlp_ratio.unwrap_or(4.0);
+        if !(mlp_ratio.is_finite() && mlp_ratio > 0.0 && mlp_ratio < 1024.0) {
+            return fail(format!("vision mlp_ratio {mlp_ratio} must be a number in (0, 1024)"));
+        }
+        let patch_size = v.patch_size.unwrap_or(16);
+        let vision = RadioVisionConfig {
+            hidden_size,
+            intermediate_size: (hidden_size as f64 * mlp_ratio) as usize,
+            num_hidden_layers: v.num_hidden_layers.unwrap_or(32),
+            num_attention_heads: v.num_attention_heads.unwrap_or(16),
+            num_channels: v.num_channels.unwrap_or(3),
+            patch_size,
+            position_grid: v.max_img_size.unwrap_or(2048) / patch_size.max(1),
+            prefix_tokens: v.num_cls_tokens.unwrap_or(3).saturating_add(v.num_registers.unwrap_or(7)),
+            hidden_act: v.hidden_act.unwrap_or(Activation::Gelu),
+            layer_norm_eps: v.layer_norm_eps.unwrap_or(1e-6),
+            layer_scale: false,
+        };
+        let ratio = top.downsample_ratio.unwrap_or(0.5);
+        if ratio != 0.5 {
+            // transformers splits the projected features by 4 tokens per 2x2 block whatever the ratio.
+            return fail(format!("downsample_ratio {ratio} is not supported (only 0.5)"));
+        }
+        let declared = top.vision_hidden_size.or(top.vit_hidden_size).unwrap_or(hidden_size);
+        if declared != hidden_size {
+            return fail(format!("vision_hidden_size {declared} differs from the tower's hidden_size {hidden_size}"));
+        }
+        let merge = super::MERGE * super::MERGE;
+        let projector = ProjectorConfig {
+            input_size: hidden_size.saturating_mul(merge),
+            hidden_size: top.projector_hidden_size.unwrap_or(4096),
+            output_size: text_config.hidden_size,
+            bias: false,
+            norm: Some(NormKind::RmsNorm),
+            // Hard-coded in transformers, whatever the decoder's epsilon.
+            norm_eps: 1e-5,
+            activation: Activation::Relu2,
+        };
+        let Some(image_token_id) = top.image_token_id.or(top.img_context_token_id) else {
+            return fail("no image_token_id (img_context_token_id)".into());
+        };
+        let model = NemotronOmniConfig { vision, projector, text: text_config, image_token_id };
+        validate_omni(&model, path)?;
+        Ok((Self { model }, top.dtype.or(top.torch_dtype)))
+    }
+}
+
+/// Checks the tower and the projector (the decoder is checked as it is converted).
+pub(crate) fn validate_omni(model: &NemotronOmniConfig, path: &Path) -> Result<()> {
+    let fail = |message: String| Err(Error::config(path, message));
+    let v = &model.vision;
+    check_dimensions(
+        &[
+            ("vision hidden_size", v.hidden_size),
+            ("vision intermediate_size", v.intermediate_size),
+            ("vision num_hidden_layers", v.num_hidden_layers),
+            ("vision num_attention_heads", v.num_attention_heads),
+            ("num_channels", v.num_channels),
+            ("patch_size", v.patch_size),
+            ("position table side", v.position_grid),
+            ("prefix tokens", v.prefix_tokens),
+            ("projector_hidden_size", model.projector.hidden_size),
+        ],
+        path,
+    )?;
+    check_positive(&[("vision layer_norm_eps", v.layer_norm_eps)], path)?;
+    if v.hidden_size == 0 || v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+        return fail(format!(
+            "vision hidden_size {} is not a multiple of num_attention_heads {}",
+            v.hidden_size, v.num_attention_heads
+        ));
+    }
+    if v.num_channels != 3 || v.patch_size == 0 || v.num_hidden_layers == 0 || v.intermediate_size == 0 {
+        return fail("the tower needs 3 channels, a positive patch size and MLP width, and at least one block".into());
+    }
+    if v.position_grid == 0 {
+        return fail(format!("max_img_size holds no {}-pixel patch", v.patch_size));
+    }
+    if model.projector.hidden_size == 0 {
+        return fail("projector_hidden_size must be positive".into());
+    }
+    Ok(())
+}
 
 /// `NemotronHConfig`'s fields (and the legacy aliases its `__post_init__` accepts); `None` takes
 /// the class default.
@@ -56,6 +209,7 @@ pub(crate) struct NemotronHJson {
     routed_scaling_factor: Option<f64>,
     layer_norm_epsilon: Option<f64>,
     max_position_embeddings: Option<usize>,
+    num_nextn_predict_layers: Option<usize>,
 }
 
 impl NemotronHConfig {
@@ -169,6 +323,7 @@ fn validate(c: &NemotronHConfig, path: &Path) -> Result<()> {
             ("moe_shared_expert_intermediate_size", e.shared_intermediate_size),
             ("n_group", e.n_group),
             ("topk_group", e.topk_group),
+            ("max_position_embeddings", c.max_position_embeddings),
         ],
         path,
     )?;
