@@ -241,6 +241,10 @@ fn bad_inputs_are_typed_errors() {
     // Image tokens typed in the text.
     let error = vlm.encode(&[Message::user().text("<image> what?")], &config).unwrap_err();
     assert!(matches!(error, Error::ImageCount { .. } | Error::InputMismatch { .. }), "{error}");
+    // No audio: its placeholders would otherwise reach the decoder as text.
+    let error =
+        vlm.encode(&[Message::user().text("Transcribe <so_start><so_embedding><so_end>")], &config).unwrap_err();
+    assert!(matches!(&error, Error::Input(message) if message.contains("audio")), "{error}");
     // No videos (yet).
     let frame = Image::from_rgb8(32, 32, vec![1; 32 * 32 * 3]).unwrap();
     let clip = vlm::processing::Video::from_frames(vec![frame; 2], 2.0).unwrap();

@@ -431,3 +431,12 @@ fn a_qwen_vl_checkpoint_is_served_like_the_library() {
     let vlm = vlm::Vlm::from_dir(&model_dir("qwen2_5-vl"), &vlm::device::cpu()).unwrap();
     assert_eq!(answer(&body), expected_with(&vlm, "What is in this image?", &["wide.png"]));
 }
+
+#[test]
+fn a_nemotron_omni_checkpoint_is_served_like_the_library() {
+    let server = common::start_server("nemotron-omni", MODEL, &[]);
+    let (status, body, _) = post(&server, &request("What is in this image?", &["nemotron-200x90.png"]));
+    assert_eq!(status, 200, "{body}");
+    let vlm = vlm::Vlm::from_dir(&model_dir("nemotron-omni"), &vlm::device::cpu()).unwrap();
+    assert_eq!(answer(&body), expected_with(&vlm, "What is in this image?", &["nemotron-200x90.png"]));
+}

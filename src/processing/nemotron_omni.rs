@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::models::nemotron_omni::{MERGE, NemotronOmniCheckpoint};
 use crate::vision::qwen_grid::VisualGrid;
 
+/// The audio placeholders of the Omni chat template and processor.
+const AUDIO_TOKENS: &[&str] = &["<so_embedding>", "<so_start>", "<so_end>"];
+
 /// How a Nemotron Omni checkpoint turns images into pixels and prompt text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NemotronOmniImages {
@@ -177,7 +180,14 @@ impl NemotronOmniImages {
     }
 
     /// The rendered prompt with each `<image>` expanded to `<img>`, the image's tokens, `</img>`.
+    /// Audio placeholders are refused: the audio tower is not loaded, and the model would read them
+    /// as text.
     pub(crate) fn expand(&self, rendered: &str, visuals: &[Visual]) -> Result<String> {
+        if let Some(token) = AUDIO_TOKENS.iter().find(|token| rendered.contains(**token)) {
+            return Err(Error::Input(format!(
+                "the prompt asks for audio ({token}): Nemotron Omni runs images only here"
+            )));
+        }
         let placeholders = rendered.matches(self.image_token.as_str()).count();
         if placeholders != visuals.len() {
             return Err(Error::ImageCount { images: visuals.len(), placeholders });
