@@ -33,7 +33,7 @@ struct Args {
     /// tiny, 1b, 2b or 8b; repeat for several (one JSON object each).
     #[arg(long = "size", default_value = "tiny")]
     sizes: Vec<String>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N (`--features cuda`) or wgpu (`--features wgpu`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them.

@@ -31,7 +31,7 @@ struct Args {
     /// Most tiles per image.
     #[arg(long)]
     max_tiles: Option<usize>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N (`--features cuda`) or wgpu (`--features wgpu`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,

@@ -59,7 +59,7 @@ struct Args {
     /// Most pixels an image is resized to (Qwen-VL).
     #[arg(long)]
     max_pixels: Option<u64>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N (`--features cuda`) or wgpu (`--features wgpu`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,

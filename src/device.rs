@@ -9,13 +9,35 @@ pub fn cpu() -> Device {
     Device::flex()
 }
 
-/// A device by name: `cpu`, `cuda` or `cuda:N` (the latter with the `cuda` feature).
+/// A device by name: `cpu`; `cuda` or `cuda:N` (with the `cuda` feature); `wgpu` (any Vulkan,
+/// Metal or DX12 GPU, shaders in WGSL; with the `wgpu` feature).
 pub fn from_name(name: &str) -> crate::Result<Device> {
     match name {
         "cpu" => Ok(cpu()),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => cuda_device(cuda),
-        other => Err(crate::Error::Device(format!("unknown device {other:?} (expected cpu, cuda or cuda:N)"))),
+        "wgpu" => wgpu_device(),
+        other => Err(crate::Error::Device(format!("unknown device {other:?} (expected cpu, cuda, cuda:N or wgpu)"))),
     }
+}
+
+/// The default adapter of burn's wgpu runtime, initialised once per process (a runtime cannot be
+/// initialised twice): WGSL shaders on whichever graphics API the machine offers.
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> crate::Result<Device> {
+    static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+    let device = DEVICE.get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string()));
+    device.clone().map_err(|reason| {
+        crate::Error::Device(format!(
+            "no GPU adapter for wgpu: {reason}. Install a Vulkan driver (on Debian or Ubuntu: \
+             mesa-vulkan-drivers and libvulkan1; `vulkaninfo --summary` lists what the machine has), \
+             or use --device cpu"
+        ))
+    })
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device() -> crate::Result<Device> {
+    Err(crate::Error::Device("this build has no wgpu support; rebuild with `--features wgpu`".into()))
 }
 
 #[cfg(feature = "cuda")]

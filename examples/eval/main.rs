@@ -65,7 +65,7 @@ struct RunArgs {
     /// Most tiles per image (bounds memory on large images).
     #[arg(long)]
     max_tiles: Option<usize>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N (`--features cuda`) or wgpu (`--features wgpu`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,

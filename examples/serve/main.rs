@@ -47,7 +47,7 @@ struct Args {
     /// Port (0 picks a free one; the address is printed on startup).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N (`--features cuda`) or wgpu (`--features wgpu`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,
