@@ -9,6 +9,11 @@ pub fn cpu() -> Device {
     Device::flex()
 }
 
+/// Whether `device` is the CPU device of [`cpu`].
+pub fn is_cpu(device: &Device) -> bool {
+    *device == cpu()
+}
+
 /// A device by name: `cpu`; `cuda` or `cuda:N` (with the `cuda` feature); `wgpu` (any Vulkan,
 /// Metal or DX12 GPU, shaders in WGSL; with the `wgpu` feature).
 pub fn from_name(name: &str) -> crate::Result<Device> {
@@ -20,12 +25,54 @@ pub fn from_name(name: &str) -> crate::Result<Device> {
     }
 }
 
+/// The environment variable that moves the GPU kernel cache, or turns it off (`off`).
+pub const KERNEL_CACHE_VAR: &str = "VLM_KERNEL_CACHE";
+
+/// Where CubeCL keeps what it learns about kernels between runs (autotune results: which kernel
+/// is fastest for each shape): `$VLM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/vlm/kernels`, else
+/// `~/.cache/vlm/kernels`. `None` when `VLM_KERNEL_CACHE=off`.
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    match std::env::var_os(KERNEL_CACHE_VAR) {
+        Some(value) if value == "off" || value == "0" => None,
+        Some(value) if !value.is_empty() => Some(value.into()),
+        _ => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .filter(|dir| !dir.is_empty())
+                .map(std::path::PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir);
+            Some(cache.join("vlm").join("kernels"))
+        }
+    }
+}
+
+/// Points CubeCL's persistent cache at [`kernel_cache_dir`] (or turns it off), before the first
+/// GPU device starts. What the process already configured (a `cubecl.toml`, `CUBECL_*` variables
+/// read first) otherwise stands; a configuration set earlier by the application wins entirely.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn configure_kernel_cache() {
+    use cubecl_runtime::config::cache::CacheConfig;
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        match kernel_cache_dir() {
+            Some(dir) => config.environment.path = CacheConfig::Directory(dir),
+            None => config.autotune.disable_cache = true,
+        }
+        CubeClRuntimeConfig::try_set(config);
+    });
+}
+
 /// The default adapter of burn's wgpu runtime, initialised once per process (a runtime cannot be
 /// initialised twice): WGSL shaders on whichever graphics API the machine offers.
 #[cfg(feature = "wgpu")]
 fn wgpu_device() -> crate::Result<Device> {
     static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
-    let device = DEVICE.get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string()));
+    let device = DEVICE.get_or_init(|| {
+        configure_kernel_cache();
+        Device::wgpu_options().init().map_err(|e| e.to_string())
+    });
     device.clone().map_err(|reason| {
         crate::Error::Device(format!(
             "no GPU adapter for wgpu: {reason}. Install a Vulkan driver (on Debian or Ubuntu: \
@@ -49,6 +96,7 @@ fn cuda_device(name: &str) -> crate::Result<Device> {
         None => 0,
     };
     check_cuda_runtime(index)?;
+    configure_kernel_cache();
     Ok(Device::cuda(index))
 }
 

@@ -409,3 +409,29 @@ fn invalid_settings_fail_before_any_compute() {
     let error = vlm.generate(&conversation(), &GenerationConfig::default().top_p(2.0)).unwrap_err();
     assert!(matches!(error, vlm::Error::Input(_)), "{error}");
 }
+
+/// What the GPU devices do to keep decode shapes fixed, checked on the CPU: attention over every
+/// slot of the cache (unwritten ones masked) gives the logits of attention over the written ones,
+/// for a prompt and 8 cached steps.
+#[test]
+fn attention_over_the_whole_capacity_gives_the_same_logits() {
+    let vlm = vlm("internvl3-hf");
+    let reference = Reference::load("internvl3");
+    let device = vlm::device::cpu();
+    let inputs = reference_encoding(&reference).to_model_inputs(&device);
+    let model = vlm.model();
+    let capacity = inputs.input_ids[0].len() + 16;
+    let mut exact = model.new_cache(1, capacity);
+    let mut fixed = model.new_cache(1, capacity).with_fixed_shapes(true);
+    let mut step = inputs;
+    for _ in 0..9 {
+        let a = model.forward(&step, &mut exact).unwrap();
+        let b = model.forward(&step, &mut fixed).unwrap();
+        let [_, len, vocab] = a.dims();
+        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+        let gap = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(gap <= 1e-5, "logits differ by {gap}");
+        let token = vlm::generation::sampler::argmax(&a[(len - 1) * vocab..]);
+        step = vlm::models::ModelInputs { input_ids: vec![vec![token]], pixels: None };
+    }
+}

@@ -157,3 +157,104 @@ fn llava_matches_transformers_on_wgpu() {
 fn nemotron_omni_matches_transformers_on_wgpu() {
     check_case("nemotron-omni", "nemotron-omni", "two_images");
 }
+
+/// One greedy generation on the Pixtral fixture: what [`a_warm_kernel_cache_runs_no_autotune`]
+/// runs in fresh processes.
+#[test]
+#[ignore = "run by a_warm_kernel_cache_runs_no_autotune in a child process"]
+fn child_generates_once() {
+    let vlm = Vlm::from_dir(&model_dir("pixtral"), &device()).unwrap();
+    let image = Image::open(fixtures().join("images/pixtral-200x120.png")).unwrap();
+    let messages = [Message::user().image(image).text("What is in this image?")];
+    vlm.generate(&messages, &greedy()).unwrap();
+}
+
+/// The autotune results persist in `VLM_KERNEL_CACHE`: a second process with the cache of the
+/// first tunes nothing (counted in CubeCL's autotune log, not guessed from wall time).
+#[test]
+fn a_warm_kernel_cache_runs_no_autotune() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = |log: &str| -> (usize, f64) {
+        let log = cache.path().join(log);
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "child_generates_once", "--nocapture"])
+            .env(vlm::device::KERNEL_CACHE_VAR, cache.path().join("kernels"))
+            .env("CUBECL_DEBUG_LOG", &log)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.matches("Fastest result").count(), started.elapsed().as_secs_f64())
+    };
+    let (cold, cold_seconds) = run("cold.log");
+    let (warm, warm_seconds) = run("warm.log");
+    eprintln!("autotune runs: {cold} cold ({cold_seconds:.1} s), {warm} warm ({warm_seconds:.1} s)");
+    assert!(cold > 0, "the cold run tuned nothing: is the autotune log written?");
+    assert_eq!(warm, 0, "the warm run tuned {warm} kernels again");
+}
+
+/// Compilations and autotune runs CubeCL has logged so far (to `CUBECL_DEBUG_LOG`), once the
+/// device is idle and the logger has drained.
+fn logged_so_far(device: &Device) -> (usize, usize) {
+    device.sync().unwrap();
+    // CubeCL's logger writes (and flushes each line) from its own task: let it drain.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let text = std::fs::read_to_string(std::env::var("CUBECL_DEBUG_LOG").unwrap()).unwrap_or_default();
+    (text.matches("[START_KERNEL_COMPILATION]").count(), text.matches("Fastest result").count())
+}
+
+/// A 64-token greedy generation on the InternVL3 fixture for `VLM_TEST_BATCH` conversations of
+/// different lengths (left-padded when several), counting what tokens 4 to 64 compile and tune;
+/// run by [`decode_steps_compile_and_tune_nothing_new`] in a fresh process with logging on.
+#[test]
+#[ignore = "run by decode_steps_compile_and_tune_nothing_new in a child process"]
+fn child_decodes() {
+    let batch: usize = std::env::var("VLM_TEST_BATCH").unwrap().parse().unwrap();
+    let device = device();
+    let vlm = Vlm::from_dir(&model_dir("internvl3-hf"), &device).unwrap();
+    let image = Image::open(fixtures().join("images/wide.png")).unwrap();
+    let config = greedy().max_new_tokens(64);
+    let encodings: Vec<_> = (0..batch)
+        .map(|row| {
+            let messages = [Message::user().image(image.clone()).text("Describe it. ".repeat(row + 1))];
+            vlm.encode(&messages, &config).unwrap()
+        })
+        .collect();
+    let configs = vec![config; batch];
+    let defaults = vlm::generation::GenerationDefaults::default();
+    let tokenizer = vlm.processor().tokenizer();
+    let started = std::time::Instant::now();
+    let mut generator =
+        vlm::generation::Generator::new(vlm.model(), tokenizer, &encodings, &configs, &defaults, started).unwrap();
+    for _ in 0..3 {
+        generator.step().unwrap();
+    }
+    let after_3 = logged_so_far(&device);
+    while !generator.is_finished() {
+        generator.step().unwrap();
+    }
+    let after_64 = logged_so_far(&device);
+    assert_eq!(generator.generation(0).token_ids.len(), 64);
+    eprintln!("batch {batch}: (compilations, autotune runs) after 3 tokens {after_3:?}, after 64 {after_64:?}");
+    assert!(after_3.0 > 0, "no compilation logged: is CUBECL_DEBUG_LOG honoured?");
+    assert_eq!(after_3, after_64, "batch {batch}: tokens 4..64 compiled or tuned something");
+}
+
+/// Decode steps keep their shapes: tokens 4 to 64 of a generation compile and autotune nothing
+/// (counted in CubeCL's compilation and autotune logs, not guessed from wall time), at batch 1 and
+/// at batch 4 with left padding.
+#[test]
+fn decode_steps_compile_and_tune_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    for batch in [1, 4] {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "child_decodes", "--nocapture"])
+            .env(vlm::device::KERNEL_CACHE_VAR, "off")
+            .env("CUBECL_DEBUG_LOG", dir.path().join(format!("batch-{batch}.log")))
+            .env("VLM_TEST_BATCH", batch.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "batch {batch}: see the child's output above");
+    }
+}

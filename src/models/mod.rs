@@ -153,14 +153,17 @@ impl Model {
     }
 
     /// An empty cache (attention keys and values, and recurrent states where the decoder has
-    /// them) for `batch` sequences of up to `capacity` tokens.
+    /// them) for `batch` sequences of up to `capacity` tokens. On a GPU its attention reads every
+    /// slot ([`KvCache::with_fixed_shapes`]): decode steps keep one shape, so their kernels compile
+    /// and autotune once per generation rather than once per token.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
-        match self {
+        let cache = match self {
             Model::InternVl(model) => model.config().text.new_cache(batch, capacity),
             Model::QwenVl(model) => model.new_cache(batch, capacity),
             Model::Llava(model) => model.new_cache(batch, capacity),
             Model::NemotronOmni(model) => model.new_cache(batch, capacity),
-        }
+        };
+        cache.with_fixed_shapes(!crate::device::is_cpu(&self.device()))
     }
 
     /// The configuration of a Llama-family (transformer) decoder, if the model has one (Nemotron

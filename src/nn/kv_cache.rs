@@ -27,6 +27,9 @@ pub struct KvCache {
     len: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Attention reads every slot of the capacity (unwritten ones masked) instead of the written
+    /// ones: one key length for a whole generation.
+    fixed_shapes: bool,
 }
 
 impl KvCache {
@@ -43,7 +46,22 @@ impl KvCache {
             len: 0,
             kv_heads,
             head_dim,
+            fixed_shapes: false,
         }
+    }
+
+    /// Makes attention read all `capacity` slots, the unwritten ones masked, so that every decode
+    /// step has the same shapes. On the CubeCL backends each new shape costs a kernel compilation
+    /// and an autotune run; with this, a generation compiles its decode step once. The CPU needs
+    /// no such thing and reads only the written slots.
+    pub fn with_fixed_shapes(mut self, fixed: bool) -> Self {
+        self.fixed_shapes = fixed;
+        self
+    }
+
+    /// How many key slots attention reads once `written` slots are written.
+    fn attended(&self, written: usize) -> usize {
+        if self.fixed_shapes { self.capacity.max(written) } else { written }
     }
 
     /// Lets each query see only the `window` most recent keys, itself included (Mistral's
@@ -233,39 +251,43 @@ impl KvCache {
             .collect()
     }
 
-    /// The mask for the next `seq_len` queries against all keys up to and including them:
-    /// causal, padding keys hidden, and with a sliding window, keys `window` or more tokens back
-    /// hidden. A padding query still sees itself, so no row of the softmax is empty. `None` when
-    /// nothing needs hiding (one new token, no padding, inside the window).
+    /// The mask for the next `seq_len` queries against the keys attention reads: causal (which
+    /// also hides unwritten slots), padding keys hidden, and with a sliding window, keys `window`
+    /// or more tokens back hidden. A padding query still sees itself, so no row of the softmax is
+    /// empty. `None` when nothing needs hiding (one new token, no padding, inside the window, no
+    /// unwritten slot read).
     ///
     /// # Shapes
-    /// - output: `[batch, 1, seq_len, len + seq_len]`
+    /// - output: `[batch, 1, seq_len, keys]`, `keys` = `len + seq_len`, or the capacity with
+    ///   [fixed shapes](Self::with_fixed_shapes)
     pub fn mask(&self, seq_len: usize, device: &Device) -> Option<Tensor<4, Bool>> {
         let has_padding = self.left_padding.iter().any(|&pad| pad > 0);
         let total = self.len + seq_len;
+        let keys = self.attended(total);
         let window = self.sliding_window.unwrap_or(usize::MAX);
-        if seq_len == 1 && !has_padding && total <= window {
+        if seq_len == 1 && !has_padding && total <= window && keys == total {
             return None;
         }
-        let mut hidden = Vec::with_capacity(self.batch_size() * seq_len * total);
+        let mut hidden = Vec::with_capacity(self.batch_size() * seq_len * keys);
         for &pad in &self.left_padding {
             for query in 0..seq_len {
                 let slot = self.len + query;
                 hidden.extend(
-                    (0..total).map(|key| key > slot || (key < pad && key != slot) || slot - key.min(slot) >= window),
+                    (0..keys).map(|key| key > slot || (key < pad && key != slot) || slot - key.min(slot) >= window),
                 );
             }
         }
-        let data = TensorData::new(hidden, [self.batch_size(), 1, seq_len, total]);
+        let data = TensorData::new(hidden, [self.batch_size(), 1, seq_len, keys]);
         Some(Tensor::from_data(data, device))
     }
 
-    /// Writes one layer's keys and values for the new tokens and returns all keys and values so far.
+    /// Writes one layer's keys and values for the new tokens and returns the keys and values
+    /// attention reads: those so far (or every slot, with [fixed shapes](Self::with_fixed_shapes)).
     /// Fails, writing nothing, when they do not fit or do not match the cache's shape.
     ///
     /// # Shapes
     /// - k, v: `[batch, kv_heads, seq_len, head_dim]`
-    /// - output: two tensors `[batch, kv_heads, len + seq_len, head_dim]`
+    /// - output: two tensors `[batch, kv_heads, keys, head_dim]`, as [`mask`](Self::mask)
     pub(crate) fn update(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> Result<(Tensor<4>, Tensor<4>)> {
         let [batch, kv_heads, seq_len, head_dim] = k.dims();
         self.check_room(seq_len)?;
@@ -289,7 +311,7 @@ impl KvCache {
         let range = [0..batch, 0..kv_heads, start..end, 0..head_dim];
         let k_cache = k_cache.slice_assign(range.clone(), k);
         let v_cache = v_cache.slice_assign(range, v);
-        let written = [0..batch, 0..kv_heads, 0..end, 0..head_dim];
+        let written = [0..batch, 0..kv_heads, 0..self.attended(end), 0..head_dim];
         let out = (k_cache.clone().slice(written.clone()), v_cache.clone().slice(written));
         self.layers[layer] = Some((k_cache, v_cache));
         Ok(out)
@@ -394,6 +416,20 @@ mod tests {
         cache.advance(3);
         // One new token still needs a mask once keys fall out of the window.
         assert_eq!(mask_rows(&cache, 1), vec![t, t, f, f]);
+    }
+
+    #[test]
+    fn fixed_shapes_read_every_slot_and_mask_the_unwritten_ones() {
+        let device = crate::device::cpu();
+        let mut cache = KvCache::new(1, 1, 1, 2, 6).with_fixed_shapes(true);
+        assert_eq!(mask_rows(&cache, 2), [false, true, true, true, true, true, false, false, true, true, true, true]);
+        let (k, _) = cache.update(0, keys(1, 2, 1.0), keys(1, 2, 1.0)).unwrap();
+        assert_eq!(k.dims(), [1, 1, 6, 2]);
+        cache.advance(2);
+        // One new token still gets a mask: slots 3.. are not written yet.
+        let mask = cache.mask(1, &device).expect("unwritten slots to hide");
+        assert_eq!(mask.dims(), [1, 1, 1, 6]);
+        assert_eq!(mask_rows(&cache, 1), [false, false, false, true, true, true]);
     }
 
     #[test]
