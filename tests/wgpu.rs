@@ -107,15 +107,25 @@ fn an_unknown_device_name_is_a_device_error() {
     assert!(matches!(vlm::device::from_name("wgpu:7"), Err(vlm::Error::Device(_))));
 }
 
-/// InternVL3 (transformers layout): tiles of the reference processor, logits and a cached greedy
-/// decode.
+/// InternVL3 (transformers layout): from the reference processor's tiles, the vision tower's
+/// output, the projected features, the prompt logits and a cached greedy decode.
 #[test]
 fn internvl3_matches_transformers_on_wgpu() {
     let device = device();
     let (_, model) = vlm::loader::load(&model_dir("internvl3-hf"), &device).unwrap();
     let reference = Reference::load("internvl3");
     let ids = reference.ids("input_ids");
-    let pixels = Pixels::Tiles(reference.tensor::<4>("pixel_values", &device));
+    let tiles = reference.tensor::<4>("pixel_values", &device);
+    let internvl = model.as_internvl().unwrap();
+    for (stage, actual) in [
+        ("vision_hidden_state", internvl.vision_hidden_state(tiles.clone()).unwrap()),
+        ("image_features", internvl.image_features(tiles.clone()).unwrap()),
+    ] {
+        let error = relative_error(actual, &reference.floats(stage));
+        eprintln!("internvl3-hf: {stage} relative error {error:e}");
+        assert!(error <= TOLERANCE, "internvl3-hf: {stage} relative error {error:e}");
+    }
+    let pixels = Pixels::Tiles(tiles);
     let mut cache = model.new_cache(1, ids[0].len() + 8);
     let logits = model.forward(&ModelInputs { input_ids: ids.clone(), pixels: Some(pixels) }, &mut cache).unwrap();
     let error = relative_error(logits.clone(), &reference.floats("logits"));
@@ -257,4 +267,62 @@ fn decode_steps_compile_and_tune_nothing_new() {
             .unwrap();
         assert!(status.success(), "batch {batch}: see the child's output above");
     }
+}
+
+/// Half precision on the GPU path (the closest stand-in here for bf16 on CUDA): weights load as
+/// f16, every family's prompt logits stay within 2e-2 of transformers' f32 ones, and greedy tokens
+/// equal transformers' while the reference's top-1 / top-2 margin is clear (at least 0.5; after a
+/// closer call the two runs may part ways). Skipped, saying so, where the adapter has no f16.
+#[test]
+#[ignore = "run by half_precision_stays_close_to_transformers in a child process"]
+fn child_half_precision() {
+    let mut device = device();
+    if !device.supports_dtype(burn::tensor::DType::F16) {
+        eprintln!("this adapter has no f16 in shaders: skipped");
+        return;
+    }
+    device.configure(burn::tensor::FloatDType::F16).unwrap();
+    for (checkpoint, weights, name) in [
+        ("qwen2_5-vl", "qwen2_5-vl", "single"),
+        ("qwen3-vl", "qwen3-vl", "single"),
+        ("pixtral", "pixtral", "single"),
+        ("llava", "llava", "single"),
+        ("nemotron-omni", "nemotron-omni", "single"),
+    ] {
+        if std::env::var("VLM_TEST_ONLY").is_ok_and(|only| only != checkpoint) {
+            continue;
+        }
+        let vlm = Vlm::from_dir(&model_dir(checkpoint), &device).unwrap_or_else(|e| panic!("{checkpoint}: {e}"));
+        let description: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("reference/{weights}.json"))).unwrap(),
+        )
+        .unwrap();
+        let case = &description["cases"][name];
+        let reference = Reference::load(weights);
+        let messages = conversation(&case["messages"]);
+        let encoding = vlm.encode(&messages, &greedy()).unwrap();
+        let model = vlm.model();
+        let logits = model.forward(&encoding.to_model_inputs(&device), &mut model.new_cache(1, 256)).unwrap();
+        let logits = logits.cast(burn::tensor::DType::F32);
+        let error = relative_error(logits, &reference.floats(&format!("{name}.logits")));
+        let tokens = vlm.generate(&messages, &greedy()).unwrap().token_ids;
+        let expected = reference.ids(&format!("{name}.greedy_tokens"))[0].clone();
+        let margins: Vec<f64> =
+            case["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let checked = margins.iter().take_while(|&&margin| margin >= 0.5).count().min(expected.len());
+        eprintln!(
+            "{checkpoint} {name} in f16: prompt logits relative error {error:e}; first {checked} greedy tokens compared"
+        );
+        assert!(error <= 2e-2, "{checkpoint} {name}: f16 logits relative error {error:e}");
+        assert_eq!(tokens[..checked], expected[..checked], "{checkpoint} {name}: f16 greedy tokens");
+    }
+}
+
+#[test]
+fn half_precision_stays_close_to_transformers() {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_half_precision", "--nocapture"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "see the child's output above");
 }

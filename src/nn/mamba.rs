@@ -200,7 +200,8 @@ impl Mamba2Mixer {
             step(xs, dt, a, self.heads_of(b), self.heads_of(cm), d, state)
         } else {
             let dt = dt.clamp_min(c.time_step_min);
-            let initial = ssm_state.unwrap_or_else(|| Tensor::zeros([batch, heads, c.head_dim, n], &xs.device()));
+            let initial =
+                ssm_state.unwrap_or_else(|| Tensor::zeros([batch, heads, c.head_dim, n], (&xs.device(), DType::F32)));
             chunk_scan(xs, dt, a, self.heads_of(b), self.heads_of(cm), d, initial, c.chunk_size)
         };
         // [batch, seq_len, heads, head_dim] -> [batch, seq_len, intermediate]
@@ -341,7 +342,8 @@ fn chunk_scan(
             return t;
         }
         let [b0, _, d2, d3] = t.dims();
-        Tensor::cat(vec![t, Tensor::zeros([b0, padded - seq_len, d2, d3], &device)], 1)
+        let dtype = t.dtype();
+        Tensor::cat(vec![t, Tensor::zeros([b0, padded - seq_len, d2, d3], (&device, dtype))], 1)
     };
     let x = pad(x);
     let residual = x.clone() * d.clone().reshape([1, 1, heads, 1]);
@@ -372,7 +374,8 @@ fn chunk_scan(
     // [batch, heads, head_dim, state] -> [batch, 1, heads, state, head_dim]
     let initial = initial.swap_dims(2, 3).unsqueeze_dim::<5>(1);
     let states = Tensor::cat(vec![initial, states], 1); // [batch, chunks + 1, heads, state, head_dim]
-    let ends = Tensor::cat(vec![Tensor::zeros([batch, heads, 1], &device), last.reshape([batch, heads, chunks])], 2);
+    let zeros = Tensor::zeros([batch, heads, 1], (&device, last.dtype()));
+    let ends = Tensor::cat(vec![zeros, last.reshape([batch, heads, chunks])], 2);
     // [batch, heads, chunks + 1, chunks + 1]
     let chunk_decay = segment_sum(ends.unsqueeze_dim::<4>(0)).exp().reshape([batch, heads, chunks + 1, chunks + 1]);
     // [batch, heads, chunks + 1, state * head_dim]

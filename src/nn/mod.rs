@@ -21,6 +21,13 @@ pub use rope::{RopeScaling, RopeTables, RotaryEmbedding};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Int, Tensor};
 
+/// A tensor of f32 values kept in f32 whatever the device's float dtype: tables and weights the
+/// reference computes in f32 (rotary cosines, interpolation weights).
+pub(crate) fn f32_tensor<const D: usize>(data: burn::tensor::TensorData, device: &burn::tensor::Device) -> Tensor<D> {
+    let options = burn::tensor::TensorCreationOptions::new(device.clone()).with_dtype(burn::tensor::DType::F32);
+    Tensor::from_data(data, options)
+}
+
 /// Bytes a module's parameters occupy as stored (quantized weights at their packed size).
 pub fn parameter_bytes(module: &impl Module) -> usize {
     struct Bytes(usize);

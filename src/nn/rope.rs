@@ -216,8 +216,8 @@ impl RotaryEmbedding {
         // [batch, 1, seq_len, head_dim]: broadcast over heads
         let shape = [batch, 1, seq_len, self.head_dim];
         RopeTables {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            cos: super::f32_tensor(TensorData::new(cos, shape), device),
+            sin: super::f32_tensor(TensorData::new(sin, shape), device),
         }
     }
 }
@@ -243,7 +243,7 @@ pub(crate) fn axial_tables(
         }
     }
     let shape = [positions.len(), 1, width];
-    (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
+    (super::f32_tensor(TensorData::new(cos, shape), device), super::f32_tensor(TensorData::new(sin, shape), device))
 }
 
 #[cfg(test)]

@@ -267,7 +267,7 @@ fn interpolated_positions(
     let indices: Vec<i64> = taps.iter().flatten().map(|&i| i as i64).collect();
     let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [patches * 4]), device);
     let weights: Vec<f32> = weights.into_iter().flatten().collect();
-    let weights = Tensor::<3>::from_data(TensorData::new(weights, [patches, 4, 1]), device);
+    let weights: Tensor<3> = crate::nn::f32_tensor(TensorData::new(weights, [patches, 4, 1]), device);
     let rows = table.weight.val();
     let [_, hidden] = rows.dims();
     let dtype = rows.dtype();
