@@ -138,38 +138,6 @@ fn an_8_bit_decoder_stays_close_to_transformers() {
     assert!(error <= 5e-2, "q8: prompt logits relative error {error:e}");
 }
 
-/// The messages of a reference conversation, images read from the fixtures.
-fn conversation(messages: &Value) -> Vec<Message> {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|message| {
-            let mut out = match message["role"].as_str().unwrap() {
-                "system" => Message::system(),
-                "assistant" => Message::assistant(),
-                _ => Message::user(),
-            };
-            match &message["content"] {
-                Value::String(text) => out = out.text(text),
-                Value::Array(parts) => {
-                    for part in parts {
-                        out = match part["type"].as_str().unwrap() {
-                            "text" => out.text(part["text"].as_str().unwrap()),
-                            "image" => out.image(
-                                Image::open(fixtures().join("images").join(part["image"].as_str().unwrap())).unwrap(),
-                            ),
-                            other => panic!("part type {other}"),
-                        };
-                    }
-                }
-                other => panic!("content {other}"),
-            }
-            out
-        })
-        .collect()
-}
-
 /// Pixel values (normalised, not whole levels) against the reference's, in 0-255 levels.
 fn level_gap(ours: &[f32], theirs: &[f32]) -> f32 {
     assert_eq!(ours.len(), theirs.len());
@@ -184,7 +152,7 @@ fn the_processor_gives_the_reference_grids_pixels_and_ids() {
     let reference = Reference::load("nemotron-omni");
     let config = GenerationConfig::default().temperature(0.0).max_new_tokens(8).eos_token_ids(vec![]);
     for (name, case) in description["cases"].as_object().unwrap() {
-        let messages = conversation(&case["messages"]);
+        let messages = common::conversation(&case["messages"], None);
         let rendered = vlm.processor().render(&messages, true).unwrap();
         assert_eq!(rendered, case["prompt"].as_str().unwrap(), "{name}: rendered template");
         let encoding = vlm.encode(&messages, &config).unwrap();

@@ -25,41 +25,6 @@ fn vlm(checkpoint: &str) -> Vlm {
     Vlm::from_dir(&model_dir(checkpoint), &vlm::device::cpu()).unwrap_or_else(|e| panic!("{checkpoint}: {e}"))
 }
 
-/// The messages of a reference conversation; every image is `image` when given, else the named
-/// fixture file. Text parts are read from `text` or, as Pixtral's cards write them, `content`.
-fn conversation(messages: &Value, image: Option<&Image>) -> Vec<Message> {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|message| {
-            let mut out = match message["role"].as_str().unwrap() {
-                "system" => Message::system(),
-                "assistant" => Message::assistant(),
-                _ => Message::user(),
-            };
-            match &message["content"] {
-                Value::String(text) => out = out.text(text),
-                Value::Array(parts) => {
-                    for part in parts {
-                        out = match part["type"].as_str().unwrap() {
-                            "text" => out.text(part.get("text").or(part.get("content")).unwrap().as_str().unwrap()),
-                            "image" => out.image(match image {
-                                Some(image) => image.clone(),
-                                None => Image::open(fixtures().join("images").join(part["image"].as_str().unwrap()))
-                                    .unwrap(),
-                            }),
-                            other => panic!("part type {other}"),
-                        };
-                    }
-                }
-                other => panic!("content {other}"),
-            }
-            out
-        })
-        .collect()
-}
-
 /// Our normalised values back in 0-255 levels against the reference's levels (`[3, h, w]` per
 /// image; Pixtral's reference is zero-padded to `padded_width`): the largest gap.
 fn level_gap(values: &[f32], levels: &[u8], height: usize, width: usize, padded_width: usize) -> f32 {
@@ -85,7 +50,7 @@ fn chat_templates_render_and_tokenize_as_transformers() {
         let checkpoint = case["family"].as_str().unwrap();
         let vlm = vlm(checkpoint);
         let image = Image::from_rgb8(32, 32, vec![90; 32 * 32 * 3]).unwrap();
-        let messages = conversation(&case["messages"], Some(&image));
+        let messages = common::conversation(&case["messages"], Some(&image));
         let config = GenerationConfig::default();
         let rendered = vlm.processor().render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
         let expected = case["rendered"].as_str().unwrap();
@@ -114,7 +79,7 @@ fn images_become_the_reference_ids_and_pixels() {
         let checkpoint = case["family"].as_str().unwrap();
         let vlm = vlm(checkpoint);
         let image = Image::open(fixtures().join(case["image"].as_str().unwrap())).unwrap();
-        let messages = conversation(&case["messages"], Some(&image));
+        let messages = common::conversation(&case["messages"], Some(&image));
         let encoding = vlm.encode(&messages, &GenerationConfig::default()).unwrap();
         let reference = Reference::load_file(&fixtures().join(case["file"].as_str().unwrap()));
         let ids: Vec<u32> = reference.ids("input_ids").concat();
@@ -137,8 +102,8 @@ fn every_reference_prompt_generates_transformers_greedy_tokens() {
         let reference = Reference::load(weights);
         for (name, case) in description["cases"].as_object().unwrap() {
             let conversations: Vec<Vec<Message>> = match case["messages"][0].is_array() {
-                true => case["messages"].as_array().unwrap().iter().map(|c| conversation(c, None)).collect(),
-                false => vec![conversation(&case["messages"], None)],
+                true => case["messages"].as_array().unwrap().iter().map(|c| common::conversation(c, None)).collect(),
+                false => vec![common::conversation(&case["messages"], None)],
             };
             let config = GenerationConfig::default().temperature(0.0).max_new_tokens(8).eos_token_ids(vec![]);
             let expected = reference.ids(&format!("{name}.input_ids"));

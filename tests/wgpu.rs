@@ -36,38 +36,6 @@ fn greedy() -> GenerationConfig {
     GenerationConfig::default().temperature(0.0).max_new_tokens(8).eos_token_ids(vec![])
 }
 
-/// The messages of a reference conversation, images read from the fixtures.
-fn conversation(messages: &Value) -> Vec<Message> {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|message| {
-            let mut out = match message["role"].as_str().unwrap() {
-                "system" => Message::system(),
-                "assistant" => Message::assistant(),
-                _ => Message::user(),
-            };
-            match &message["content"] {
-                Value::String(text) => out = out.text(text),
-                Value::Array(parts) => {
-                    for part in parts {
-                        out = match part["type"].as_str().unwrap() {
-                            "text" => out.text(part.get("text").or(part.get("content")).unwrap().as_str().unwrap()),
-                            "image" => out.image(
-                                Image::open(fixtures().join("images").join(part["image"].as_str().unwrap())).unwrap(),
-                            ),
-                            other => panic!("part type {other}"),
-                        };
-                    }
-                }
-                other => panic!("content {other}"),
-            }
-            out
-        })
-        .collect()
-}
-
 /// One reference prompt of a family, from the PNG files on: input ids as transformers', prompt
 /// logits (or the last position's) within [`TOLERANCE`], and the 8 greedy tokens.
 fn check_case(checkpoint: &str, weights: &str, name: &str) {
@@ -78,7 +46,7 @@ fn check_case(checkpoint: &str, weights: &str, name: &str) {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("reference/{weights}.json"))).unwrap())
             .unwrap();
     let reference = Reference::load(weights);
-    let messages = conversation(&description["cases"][name]["messages"]);
+    let messages = common::conversation(&description["cases"][name]["messages"], None);
     let encoding = vlm.encode(&messages, &greedy()).unwrap();
     assert_eq!(encoding.input_ids, reference.ids(&format!("{name}.input_ids"))[0], "{checkpoint} {name}: ids");
     let model = vlm.model();
@@ -299,7 +267,7 @@ fn child_half_precision() {
         .unwrap();
         let case = &description["cases"][name];
         let reference = Reference::load(weights);
-        let messages = conversation(&case["messages"]);
+        let messages = common::conversation(&case["messages"], None);
         let encoding = vlm.encode(&messages, &greedy()).unwrap();
         let model = vlm.model();
         let logits = model.forward(&encoding.to_model_inputs(&device), &mut model.new_cache(1, 256)).unwrap();

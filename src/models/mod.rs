@@ -243,6 +243,32 @@ impl Model {
     }
 }
 
+/// The decoder's input embeddings with image features over the tokens `image_token_id`:
+/// `features` runs only when the inputs carry pixels; image tokens without pixels are an error.
+///
+/// # Shapes
+/// - embeds and output: `[batch, seq_len, hidden]`
+pub(crate) fn embed_images(
+    embeds: Tensor<3>,
+    inputs: &ModelInputs,
+    image_token_id: u32,
+    features: impl FnOnce(&Pixels) -> Result<Tensor<2>>,
+) -> Result<Tensor<3>> {
+    let rows: Vec<usize> = inputs
+        .input_ids
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|&(_, &id)| id == image_token_id)
+        .map(|(i, _)| i)
+        .collect();
+    match &inputs.pixels {
+        None if rows.is_empty() => Ok(embeds),
+        None => Err(Error::InputMismatch { image_tokens: rows.len(), image_features: 0 }),
+        Some(pixels) => scatter_features(embeds, features(pixels)?, &rows, "vision tower and projector"),
+    }
+}
+
 /// Writes image features over the embeddings of the image tokens at `positions` (flat,
 /// row-major over batch and sequence; transformers' `masked_scatter`), after checking that there
 /// is one feature per token and that the features are finite (one boolean read back per prompt:

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::image::{AlphaMode, Image, Normalization, NormalizationJson, resize_levels};
+use super::prompt::expand_each;
 use super::{Media, ProcessOptions, Tokenizer, Visual, image_processor_json};
 use crate::error::{Error, Result};
 use crate::models::nemotron_omni::{MERGE, NemotronOmniCheckpoint};
@@ -188,20 +189,14 @@ impl NemotronOmniImages {
                 "the prompt asks for audio ({token}): Nemotron Omni runs images only here"
             )));
         }
-        let placeholders = rendered.matches(self.image_token.as_str()).count();
-        if placeholders != visuals.len() {
-            return Err(Error::ImageCount { images: visuals.len(), placeholders });
-        }
-        let mut text = String::with_capacity(rendered.len());
-        let mut pieces = rendered.split(self.image_token.as_str());
-        text.push_str(pieces.next().unwrap_or_default());
-        for (visual, piece) in visuals.iter().zip(pieces) {
-            text.push_str(&self.image_start_token);
-            text.push_str(&self.image_token.repeat(visual.tokens()));
-            text.push_str(&self.image_end_token);
-            text.push_str(piece);
-        }
-        Ok(text)
+        expand_each(rendered, &self.image_token, visuals, |visual| {
+            Ok(format!(
+                "{}{}{}",
+                self.image_start_token,
+                self.image_token.repeat(visual.tokens()),
+                self.image_end_token
+            ))
+        })
     }
 
     /// The normalised patches of every image, `[rows * cols, 3 * patch^2]` each (row-major

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::image::{AlphaMode, Image, Normalization, NormalizationJson, resize};
+use super::prompt::expand_each;
 use super::{Tokenizer, Visual, image_processor_json, optional_json};
 use crate::error::{Error, Result};
 use crate::models::llava::{LlavaCheckpoint, LlavaVisionConfig};
@@ -162,25 +163,18 @@ impl PixtralImages {
 
     /// The rendered prompt with each `[IMG]` expanded to the image's rows of patches.
     pub(crate) fn expand(&self, rendered: &str, visuals: &[Visual]) -> Result<String> {
-        let placeholders = rendered.matches(self.image_token.as_str()).count();
-        if placeholders != visuals.len() {
-            return Err(Error::ImageCount { images: visuals.len(), placeholders });
-        }
-        let mut text = String::with_capacity(rendered.len());
-        let mut pieces = rendered.split(self.image_token.as_str());
-        text.push_str(pieces.next().unwrap_or_default());
-        for (visual, piece) in visuals.iter().zip(pieces) {
+        expand_each(rendered, &self.image_token, visuals, |visual| {
             let Visual::Image { height, width, .. } = *visual else {
                 return Err(Error::Input("a Pixtral processor planned tiles".into()));
             };
             let (rows, cols) = (height / self.patch_size, width / self.patch_size);
+            let mut text = String::new();
             for row in 0..rows {
                 text.push_str(&self.image_token.repeat(cols));
                 text.push_str(if row + 1 == rows { &self.image_end_token } else { &self.image_break_token });
             }
-            text.push_str(piece);
-        }
-        Ok(text)
+            Ok(text)
+        })
     }
 
     /// The normalised pixels of every image, `[3, height, width]` each, in prompt order.

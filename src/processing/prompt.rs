@@ -1,7 +1,30 @@
 //! Image placeholders: how each image appears in the rendered prompt, and the token text it is
 //! expanded to before tokenization.
 
+use super::Visual;
 use crate::error::{Error, Result};
+
+/// `rendered` with its `i`-th `placeholder` replaced by `expansion(&visuals[i])`: an
+/// [`Error::ImageCount`] unless there are exactly as many placeholders as images.
+pub(crate) fn expand_each(
+    rendered: &str,
+    placeholder: &str,
+    visuals: &[Visual],
+    mut expansion: impl FnMut(&Visual) -> Result<String>,
+) -> Result<String> {
+    let placeholders = rendered.matches(placeholder).count();
+    if placeholders != visuals.len() {
+        return Err(Error::ImageCount { images: visuals.len(), placeholders });
+    }
+    let mut text = String::with_capacity(rendered.len());
+    let mut pieces = rendered.split(placeholder);
+    text.push_str(pieces.next().unwrap_or_default());
+    for (visual, piece) in visuals.iter().zip(pieces) {
+        text.push_str(&expansion(visual)?);
+        text.push_str(piece);
+    }
+    Ok(text)
+}
 
 /// The marker OpenGVLab's code writes for an image before expanding it.
 pub const IMAGE_MARKER: &str = "<image>";

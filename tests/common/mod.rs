@@ -57,6 +57,42 @@ pub fn fixture_image(name: &str) -> String {
     format!("{}/tests/fixtures/images/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The messages of a reference conversation (`messages` of a fixture's JSON, as transformers'
+/// processors take them). Every image is `image` when given, else the named fixture file; text
+/// parts are read from `text` or, as Pixtral's cards write them, `content`.
+pub fn conversation(messages: &serde_json::Value, image: Option<&vlm::Image>) -> Vec<vlm::Message> {
+    use serde_json::Value;
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| {
+            let mut out = match message["role"].as_str().unwrap() {
+                "system" => vlm::Message::system(),
+                "assistant" => vlm::Message::assistant(),
+                _ => vlm::Message::user(),
+            };
+            match &message["content"] {
+                Value::String(text) => out = out.text(text),
+                Value::Array(parts) => {
+                    for part in parts {
+                        out = match part["type"].as_str().unwrap() {
+                            "text" => out.text(part.get("text").or(part.get("content")).unwrap().as_str().unwrap()),
+                            "image" => out.image(match image {
+                                Some(image) => image.clone(),
+                                None => vlm::Image::open(fixture_image(part["image"].as_str().unwrap())).unwrap(),
+                            }),
+                            other => panic!("part type {other}"),
+                        };
+                    }
+                }
+                other => panic!("content {other}"),
+            }
+            out
+        })
+        .collect()
+}
+
 /// `tests/fixtures/models/<name>`.
 pub fn model_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)

@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 pub use self::config::LlavaCheckpoint;
-use super::{ModelInputs, Pixels, scatter_features};
+use super::{ModelInputs, Pixels, embed_images};
 use crate::error::{Error, Result};
 use crate::nn::{KvCache, Linear};
 use crate::projector::{MultiModalProjector, ProjectorConfig};
@@ -219,17 +219,8 @@ impl LlavaModel {
     /// # Shapes
     /// - output: `[batch, seq_len, text_hidden]`
     pub fn hidden_states(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor<3>> {
-        let mut embeds = self.language_model.embed(&inputs.input_ids)?;
-        let token = self.config.image_token_id;
-        let rows: Vec<usize> =
-            inputs.input_ids.iter().flatten().enumerate().filter(|&(_, &id)| id == token).map(|(i, _)| i).collect();
-        match &inputs.pixels {
-            None if rows.is_empty() => {}
-            None => return Err(Error::InputMismatch { image_tokens: rows.len(), image_features: 0 }),
-            Some(pixels) => {
-                embeds = scatter_features(embeds, self.image_features(pixels)?, &rows, "vision tower and projector")?;
-            }
-        }
+        let embeds = self.language_model.embed(&inputs.input_ids)?;
+        let embeds = embed_images(embeds, inputs, self.config.image_token_id, |pixels| self.image_features(pixels))?;
         self.language_model.forward(embeds, cache)
     }
 
