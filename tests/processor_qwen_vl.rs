@@ -91,48 +91,6 @@ fn images_become_the_reference_ids_and_patches() {
     }
 }
 
-/// The messages of a reference case, read from its JSON.
-fn messages(case: &Value, fps: Option<f64>) -> Vec<Vec<Message>> {
-    let conversations = &case["messages"];
-    let conversations: Vec<&Value> = if conversations[0].is_array() {
-        conversations.as_array().unwrap().iter().collect()
-    } else {
-        vec![conversations]
-    };
-    conversations
-        .into_iter()
-        .map(|conversation| {
-            conversation
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|message| {
-                    let mut out = match message["role"].as_str().unwrap() {
-                        "system" => Message::system(),
-                        "assistant" => Message::assistant(),
-                        _ => Message::user(),
-                    };
-                    for part in message["content"].as_array().unwrap() {
-                        out = match part["type"].as_str().unwrap() {
-                            "text" => out.text(part["text"].as_str().unwrap()),
-                            "image" => {
-                                let file = fixtures().join("images").join(part["image"].as_str().unwrap());
-                                out.image(Image::open(file).unwrap())
-                            }
-                            "video" => {
-                                let video = Video::open_dir(fixtures().join("images/video"), fps.unwrap()).unwrap();
-                                out.video(video)
-                            }
-                            other => panic!("part type {other}"),
-                        };
-                    }
-                    out
-                })
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn every_reference_prompt_generates_transformers_greedy_tokens() {
     for (checkpoint, weights) in
@@ -142,8 +100,7 @@ fn every_reference_prompt_generates_transformers_greedy_tokens() {
         let description = json(&format!("reference/{weights}.json"));
         let reference = Reference::load(weights);
         for (name, case) in description["cases"].as_object().unwrap() {
-            let fps = case["video"].get("video_metadata").map(|m| m["fps"].as_f64().unwrap());
-            let conversations = messages(case, fps);
+            let conversations = common::case_conversations(case);
             let config = GenerationConfig::default().temperature(0.0).max_new_tokens(8).eos_token_ids(vec![]);
             let expected = reference.ids(&format!("{name}.input_ids"));
             for (row, conversation) in conversations.iter().enumerate() {

@@ -1,8 +1,10 @@
 //! The GPU path: burn's CubeCL backend through wgpu (WGSL), run on whatever adapter the machine
 //! has; in CI, Mesa's software Vulkan driver (lavapipe). The same code as CUDA but for code
-//! generation: fusion, autotune, the matmul / attention / reduction kernels. Against the
-//! transformers fixtures, per family: prompt logits within the bound below and the greedy tokens of
-//! transformers' `generate`, through the whole library (processor, model, cached generation).
+//! generation: fusion, autotune, the matmul / attention / reduction kernels. Against every
+//! transformers fixture: prompt logits within the bound below (and the InternVL towers'
+//! stages) and the greedy tokens of transformers' `generate`, through the whole library
+//! (processor, model, cached and batched generation); f16; what decode steps compile; the
+//! persisted autotune cache.
 //!
 //! Run with `cargo test --features wgpu --test wgpu` (CI sets `CUBECL_AUTOTUNE_LEVEL=minimal`: the
 //! autotune runs are most of the start-up on a software GPU).
@@ -36,104 +38,121 @@ fn greedy() -> GenerationConfig {
     GenerationConfig::default().temperature(0.0).max_new_tokens(8).eos_token_ids(vec![])
 }
 
-/// One reference prompt of a family, from the PNG files on: input ids as transformers', prompt
-/// logits (or the last position's) within [`TOLERANCE`], and the 8 greedy tokens.
-fn check_case(checkpoint: &str, weights: &str, name: &str) {
-    let started = std::time::Instant::now();
+/// The checkpoints whose references hold conversations (`cases`), with their reference files.
+const CASES: &[(&str, &str)] = &[
+    ("qwen2_5-vl", "qwen2_5-vl"),
+    ("qwen2_5-vl-tied", "qwen2_5-vl-tied"),
+    ("qwen3-vl", "qwen3-vl"),
+    ("pixtral", "pixtral"),
+    ("llava", "llava"),
+    ("llava-nobias", "llava-nobias"),
+    ("nemotron-omni", "nemotron-omni"),
+];
+
+/// Every reference prompt of every conversation fixture, from the PNG files (and video frames)
+/// on: input ids as transformers', prompt logits (or the last position's) of single prompts
+/// within [`TOLERANCE`], and the greedy tokens of every row (batches left-padded, as the library
+/// pads them).
+#[test]
+fn every_reference_prompt_matches_transformers_on_wgpu() {
     let device = device();
-    let vlm = Vlm::from_dir(&model_dir(checkpoint), &device).unwrap_or_else(|e| panic!("{checkpoint}: {e}"));
-    let description: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("reference/{weights}.json"))).unwrap())
-            .unwrap();
-    let reference = Reference::load(weights);
-    let messages = common::conversation(&description["cases"][name]["messages"], None);
-    let encoding = vlm.encode(&messages, &greedy()).unwrap();
-    assert_eq!(encoding.input_ids, reference.ids(&format!("{name}.input_ids"))[0], "{checkpoint} {name}: ids");
-    let model = vlm.model();
-    let mut cache = model.new_cache(1, encoding.input_ids.len());
-    let logits = model.forward(&encoding.to_model_inputs(&device), &mut cache).unwrap();
-    let key = |tensor: &str| format!("{name}.{tensor}");
-    let error = if reference.has(&key("logits")) {
-        relative_error(logits, &reference.floats(&key("logits")))
-    } else {
-        let [_, len, vocab] = logits.dims();
-        relative_error(logits.narrow(1, len - 1, 1).reshape([1, vocab]), &reference.floats(&key("last_logits")))
-    };
-    eprintln!("{checkpoint} {name}: prompt logits relative error {error:e} on {}", device_name());
-    assert!(error <= TOLERANCE, "{checkpoint} {name}: logits relative error {error:e}");
-    let output = vlm.generate(&messages, &greedy()).unwrap();
-    assert_eq!(output.token_ids, reference.ids(&key("greedy_tokens"))[0], "{checkpoint} {name}: greedy tokens");
-    eprintln!("{checkpoint} {name}: greedy tokens identical ({:.1} s)", started.elapsed().as_secs_f64());
+    for &(checkpoint, weights) in CASES {
+        let started = std::time::Instant::now();
+        let vlm = Vlm::from_dir(&model_dir(checkpoint), &device).unwrap_or_else(|e| panic!("{checkpoint}: {e}"));
+        let description: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("reference/{weights}.json"))).unwrap(),
+        )
+        .unwrap();
+        let reference = Reference::load(weights);
+        for (name, case) in description["cases"].as_object().unwrap() {
+            let key = |tensor: &str| format!("{name}.{tensor}");
+            let conversations = common::case_conversations(case);
+            if let [messages] = conversations.as_slice() {
+                let encoding = vlm.encode(messages, &greedy()).unwrap();
+                assert_eq!(encoding.input_ids, reference.ids(&key("input_ids"))[0], "{checkpoint} {name}: ids");
+                let model = vlm.model();
+                let mut cache = model.new_cache(1, encoding.input_ids.len());
+                let logits = model.forward(&encoding.to_model_inputs(&device), &mut cache).unwrap();
+                let error = if reference.has(&key("logits")) {
+                    relative_error(logits, &reference.floats(&key("logits")))
+                } else {
+                    let [_, len, vocab] = logits.dims();
+                    let last = logits.narrow(1, len - 1, 1).reshape([1, vocab]);
+                    relative_error(last, &reference.floats(&key("last_logits")))
+                };
+                eprintln!("{checkpoint} {name}: prompt logits relative error {error:e}");
+                assert!(error <= TOLERANCE, "{checkpoint} {name}: logits relative error {error:e}");
+            }
+            let outputs = vlm.generate_batch(&conversations, &greedy()).unwrap();
+            let expected = reference.ids(&key("greedy_tokens"));
+            for (row, output) in outputs.iter().enumerate() {
+                assert_eq!(output.token_ids, expected[row], "{checkpoint} {name}: row {row} greedy tokens");
+            }
+            eprintln!("{checkpoint} {name}: greedy tokens of {} row(s) identical", outputs.len());
+        }
+        eprintln!("{checkpoint}: {:.1} s", started.elapsed().as_secs_f64());
+    }
 }
 
-fn device_name() -> String {
-    format!("{:?}", device())
+/// The InternVL-family references (prompt tensors rather than conversations) and the checkpoints
+/// each one checks.
+const INTERNVL: &[(&str, &[&str])] = &[
+    ("internvl3", &["internvl3-hf", "internvl3-original"]),
+    ("internvl3-bf16", &["internvl3-hf-bf16"]),
+    ("internvl2-internlm2", &["internvl2-internlm2"]),
+    ("internvl2-llama-untied", &["internvl2-llama-untied"]),
+    ("nvlm-d", &["nvlm-d"]),
+    ("internvl-rope-linear", &["internvl-rope-linear"]),
+    ("internvl-rope-dynamic", &["internvl-rope-dynamic"]),
+    ("internvl-rope-llama3", &["internvl-rope-llama3"]),
+    ("internvl-rope-yarn", &["internvl-rope-yarn"]),
+];
+
+/// InternVL 2 / 2.5 / 3 in both layouts, NVLM-D, InternLM2 and every RoPE scaling: from the
+/// reference processor's tiles, the vision tower's output, the projected features, the prompt
+/// logits and a cached greedy decode.
+#[test]
+fn every_internvl_fixture_matches_transformers_on_wgpu() {
+    let device = device();
+    for &(weights, checkpoints) in INTERNVL {
+        let reference = Reference::load(weights);
+        for &checkpoint in checkpoints {
+            let (_, model) = vlm::loader::load(&model_dir(checkpoint), &device).unwrap();
+            let ids = reference.ids("input_ids");
+            let tiles = reference.tensor::<4>("pixel_values", &device);
+            let internvl = model.as_internvl().unwrap();
+            for (stage, actual) in [
+                ("vision_hidden_state", internvl.vision_hidden_state(tiles.clone()).unwrap()),
+                ("image_features", internvl.image_features(tiles.clone()).unwrap()),
+            ] {
+                let error = relative_error(actual, &reference.floats(stage));
+                eprintln!("{checkpoint}: {stage} relative error {error:e}");
+                assert!(error <= TOLERANCE, "{checkpoint}: {stage} relative error {error:e}");
+            }
+            let pixels = Pixels::Tiles(tiles);
+            let mut cache = model.new_cache(1, ids[0].len() + 8);
+            let inputs = ModelInputs { input_ids: ids.clone(), pixels: Some(pixels) };
+            let logits = model.forward(&inputs, &mut cache).unwrap();
+            let error = relative_error(logits.clone(), &reference.floats("logits"));
+            eprintln!("{checkpoint}: prompt logits relative error {error:e}");
+            assert!(error <= TOLERANCE, "{checkpoint}: logits relative error {error:e}");
+            let [_, len, vocab] = logits.dims();
+            let mut last: Tensor<3> = logits.narrow(1, len - 1, 1);
+            let mut tokens = Vec::new();
+            for _ in 0..8 {
+                let row = last.reshape([vocab]).into_data().try_to_vec::<f32>().unwrap();
+                let token = vlm::generation::sampler::argmax(&row);
+                tokens.push(token);
+                last = model.forward(&ModelInputs { input_ids: vec![vec![token]], pixels: None }, &mut cache).unwrap();
+            }
+            assert_eq!(tokens, reference.ids("greedy_tokens")[0], "{checkpoint}: greedy tokens");
+        }
+    }
 }
 
 #[test]
 fn an_unknown_device_name_is_a_device_error() {
     assert!(matches!(vlm::device::from_name("wgpu:7"), Err(vlm::Error::Device(_))));
-}
-
-/// InternVL3 (transformers layout): from the reference processor's tiles, the vision tower's
-/// output, the projected features, the prompt logits and a cached greedy decode.
-#[test]
-fn internvl3_matches_transformers_on_wgpu() {
-    let device = device();
-    let (_, model) = vlm::loader::load(&model_dir("internvl3-hf"), &device).unwrap();
-    let reference = Reference::load("internvl3");
-    let ids = reference.ids("input_ids");
-    let tiles = reference.tensor::<4>("pixel_values", &device);
-    let internvl = model.as_internvl().unwrap();
-    for (stage, actual) in [
-        ("vision_hidden_state", internvl.vision_hidden_state(tiles.clone()).unwrap()),
-        ("image_features", internvl.image_features(tiles.clone()).unwrap()),
-    ] {
-        let error = relative_error(actual, &reference.floats(stage));
-        eprintln!("internvl3-hf: {stage} relative error {error:e}");
-        assert!(error <= TOLERANCE, "internvl3-hf: {stage} relative error {error:e}");
-    }
-    let pixels = Pixels::Tiles(tiles);
-    let mut cache = model.new_cache(1, ids[0].len() + 8);
-    let logits = model.forward(&ModelInputs { input_ids: ids.clone(), pixels: Some(pixels) }, &mut cache).unwrap();
-    let error = relative_error(logits.clone(), &reference.floats("logits"));
-    eprintln!("internvl3-hf: prompt logits relative error {error:e}");
-    assert!(error <= TOLERANCE, "internvl3-hf: logits relative error {error:e}");
-    let [_, len, vocab] = logits.dims();
-    let mut last: Tensor<3> = logits.narrow(1, len - 1, 1);
-    let mut tokens = Vec::new();
-    for _ in 0..8 {
-        let row = last.reshape([vocab]).into_data().try_to_vec::<f32>().unwrap();
-        let token = vlm::generation::sampler::argmax(&row);
-        tokens.push(token);
-        last = model.forward(&ModelInputs { input_ids: vec![vec![token]], pixels: None }, &mut cache).unwrap();
-    }
-    assert_eq!(tokens, reference.ids("greedy_tokens")[0], "internvl3-hf: greedy tokens");
-}
-
-#[test]
-fn qwen2_5_vl_matches_transformers_on_wgpu() {
-    check_case("qwen2_5-vl", "qwen2_5-vl", "single");
-}
-
-#[test]
-fn qwen3_vl_matches_transformers_on_wgpu() {
-    check_case("qwen3-vl", "qwen3-vl", "single");
-}
-
-#[test]
-fn pixtral_matches_transformers_on_wgpu() {
-    check_case("pixtral", "pixtral", "single");
-}
-
-#[test]
-fn llava_matches_transformers_on_wgpu() {
-    check_case("llava", "llava", "single");
-}
-
-#[test]
-fn nemotron_omni_matches_transformers_on_wgpu() {
-    check_case("nemotron-omni", "nemotron-omni", "two_images");
 }
 
 /// One greedy generation on the Pixtral fixture: what [`a_warm_kernel_cache_runs_no_autotune`]

@@ -58,9 +58,14 @@ pub fn fixture_image(name: &str) -> String {
 }
 
 /// The messages of a reference conversation (`messages` of a fixture's JSON, as transformers'
-/// processors take them). Every image is `image` when given, else the named fixture file; text
-/// parts are read from `text` or, as Pixtral's cards write them, `content`.
-pub fn conversation(messages: &serde_json::Value, image: Option<&vlm::Image>) -> Vec<vlm::Message> {
+/// processors take them). Every image is `image` when given, else the named fixture file; a video
+/// is the fixture's frames at `fps`; text parts are read from `text` or, as Pixtral's cards write
+/// them, `content`.
+pub fn conversation_with(
+    messages: &serde_json::Value,
+    image: Option<&vlm::Image>,
+    fps: Option<f64>,
+) -> Vec<vlm::Message> {
     use serde_json::Value;
     messages
         .as_array()
@@ -82,6 +87,12 @@ pub fn conversation(messages: &serde_json::Value, image: Option<&vlm::Image>) ->
                                 Some(image) => image.clone(),
                                 None => vlm::Image::open(fixture_image(part["image"].as_str().unwrap())).unwrap(),
                             }),
+                            "video" => {
+                                let frames = Path::new(&fixture_image("video")).to_path_buf();
+                                out.video(
+                                    vlm::processing::Video::open_dir(frames, fps.expect("a video's fps")).unwrap(),
+                                )
+                            }
                             other => panic!("part type {other}"),
                         };
                     }
@@ -91,6 +102,22 @@ pub fn conversation(messages: &serde_json::Value, image: Option<&vlm::Image>) ->
             out
         })
         .collect()
+}
+
+/// [`conversation_with`] for conversations without videos.
+pub fn conversation(messages: &serde_json::Value, image: Option<&vlm::Image>) -> Vec<vlm::Message> {
+    conversation_with(messages, image, None)
+}
+
+/// Every conversation of a reference case (one, or one per row of a batch), videos at the case's
+/// fps.
+pub fn case_conversations(case: &serde_json::Value) -> Vec<Vec<vlm::Message>> {
+    let fps = case["video"].get("video_metadata").map(|metadata| metadata["fps"].as_f64().unwrap());
+    let messages = &case["messages"];
+    match messages[0].is_array() {
+        true => messages.as_array().unwrap().iter().map(|c| conversation_with(c, None, fps)).collect(),
+        false => vec![conversation_with(messages, None, fps)],
+    }
 }
 
 /// `tests/fixtures/models/<name>`.
