@@ -227,6 +227,11 @@ fn a_llava_checkpoint_runs_the_benchmark_like_the_library() {
     runs_the_benchmark_like_the_library("llava");
 }
 
+#[test]
+fn a_nemotron_omni_checkpoint_runs_the_benchmark_like_the_library() {
+    runs_the_benchmark_like_the_library("nemotron-omni");
+}
+
 fn runs_the_benchmark_like_the_library(checkpoint: &str) {
     let dir = tempfile::tempdir().unwrap();
     let model = model_dir(checkpoint);

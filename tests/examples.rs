@@ -80,7 +80,7 @@ fn describe_reports_a_missing_image_without_panicking() {
 #[test]
 fn chat_answers_each_turn_with_an_image_attached() {
     use std::io::Write;
-    for checkpoint in ["nvlm-d", "pixtral", "llava"] {
+    for checkpoint in ["nvlm-d", "pixtral", "llava", "nemotron-omni"] {
         let mut child = Command::new(example("chat"))
             .args(["--model", model_dir(checkpoint).to_str().unwrap(), "--max-new-tokens", "4", "--temperature", "0"])
             .stdin(std::process::Stdio::piped())
