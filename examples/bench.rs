@@ -326,13 +326,7 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut device = vlm::device::from_name(&args.device)?;
-    let dtype = match args.dtype.as_str() {
-        "f32" => FloatDType::F32,
-        "bf16" => FloatDType::BF16,
-        "f16" => FloatDType::F16,
-        other => anyhow::bail!("unknown --dtype {other:?} (f32, bf16, f16)"),
-    };
-    device.configure(dtype).map_err(|e| anyhow::anyhow!("{} cannot use {}: {e:?}", args.device, args.dtype))?;
+    vlm::device::configure_dtype(&mut device, &args.dtype)?;
     if let Some(unknown) = args.rows.iter().flatten().find(|row| !ROWS.contains(&row.as_str())) {
         anyhow::bail!("unknown row {unknown:?} (rows: {})", ROWS.join(", "));
     }

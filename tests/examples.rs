@@ -157,3 +157,35 @@ fn describe_takes_video_frames_for_qwen_vl_and_answers_as_transformers() {
     assert_eq!(json["token_ids"], serde_json::json!([167, 307, 407, 132, 77, 259, 77, 259]));
     assert_eq!(json["prompt_tokens"], 86);
 }
+
+/// `--dtype f16` on the CPU: weights and compute in half precision; the greedy tokens of
+/// transformers' f32 `generate` while its top-1 / top-2 margin is clear (at least 0.5), for three
+/// families. An unknown dtype is an error naming the choices.
+#[test]
+fn describe_in_half_precision_answers_as_transformers_where_the_margin_is_clear() {
+    for (checkpoint, image, tokens) in [
+        ("pixtral", "pixtral-200x120.png", [53, 78, 192, 431, 78, 140, 431, 222]),
+        ("llava", "llava-120x80.png", [53, 246, 153, 230, 330, 378, 243, 243]),
+        ("nemotron-omni", "nemotron-200x90.png", [340, 216, 102, 270, 367, 159, 425, 168]),
+    ] {
+        let output = Command::new(example("describe"))
+            .args(["--model", model_dir(checkpoint).to_str().unwrap(), "--image", &common::fixture_image(image)])
+            .args(["--prompt", "What is in this image?", "--max-new-tokens", "8", "--temperature", "0", "--json"])
+            .args(["--dtype", "f16"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{checkpoint}: {}", String::from_utf8_lossy(&output.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let margins = common::reference_margins_of(checkpoint, "single");
+        let clear = margins.iter().take_while(|&&margin| margin >= 0.5).count();
+        let ours: Vec<u64> = json["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        assert_eq!(ours[..clear], tokens.map(|t| t as u64)[..clear], "{checkpoint}: f16 greedy tokens");
+    }
+    let output = Command::new(example("describe"))
+        .args(["--model", model_dir("llava").to_str().unwrap(), "--image", &common::fixture_image("llava-120x80.png")])
+        .args(["--dtype", "f8"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("f32, f16 or bf16"));
+}

@@ -68,6 +68,9 @@ struct RunArgs {
     /// cpu, cuda, cuda:N (`--features cuda`) or wgpu (`--features wgpu`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Float dtype of weights and compute: f32, f16 (half the memory) or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Quantize the decoder's weights as they load: q8 or q4 (8- or 4-bit blocks; less memory,
     /// faster CPU decode; see the README for the accuracy cost).
     #[arg(long)]
@@ -124,7 +127,8 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     if !todo.is_empty() {
-        let device = vlm::device::from_name(&args.device)?;
+        let mut device = vlm::device::from_name(&args.device)?;
+        vlm::device::configure_dtype(&mut device, &args.dtype)?;
         let vlm = Vlm::from_pretrained_with(&args.model, &device, &LoadOptions { quantize: args.quantize })
             .with_context(|| format!("loading {}", args.model))?;
         let config = GenerationConfig { max_tiles: args.max_tiles, ..GenerationConfig::default() }

@@ -291,6 +291,14 @@ pub fn reference_margins(name: &str) -> Vec<f32> {
     json["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap() as f32).collect()
 }
 
+/// The top-1 minus top-2 logit of each greedy step of the case `name` of a conversation
+/// reference (`cases.<name>.greedy_margins` of `tests/fixtures/reference/<weights>.json`).
+pub fn reference_margins_of(weights: &str, name: &str) -> Vec<f32> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/reference/{weights}.json"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["cases"][name]["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap() as f32).collect()
+}
+
 /// Reference activations written by `scripts/make_fixtures.py`.
 pub struct Reference {
     bytes: Vec<u8>,
