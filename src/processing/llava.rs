@@ -113,16 +113,7 @@ impl LlavaImages {
             }
         }
         images.normalization.validate().map_err(|message| Error::config(&path, message))?;
-        let found = tokenizer.token_id(&images.image_token);
-        if found != Some(images.image_token_id) {
-            return fail(
-                &dir.join("config.json"),
-                format!(
-                    "image token id {} differs from the tokenizer's {} ({found:?})",
-                    images.image_token_id, images.image_token
-                ),
-            );
-        }
+        tokenizer.check_token_id(&images.image_token, images.image_token_id, &dir.join("config.json"))?;
         Ok(images)
     }
 

@@ -91,13 +91,7 @@ impl NemotronOmniImages {
             return fail("min_num_patches or max_model_len is beyond any model".into());
         }
         images.normalization.validate().map_err(|message| Error::config(&path, message))?;
-        let found = tokenizer.token_id(&images.image_token);
-        if found != Some(images.image_token_id) {
-            return Err(Error::config(
-                dir.join("config.json"),
-                format!("image token id {} differs from the tokenizer's <image> ({found:?})", images.image_token_id),
-            ));
-        }
+        tokenizer.check_token_id(&images.image_token, images.image_token_id, &dir.join("config.json"))?;
         for token in [&images.image_start_token, &images.image_end_token] {
             if tokenizer.token_id(token).is_none() {
                 return Err(Error::config(dir.join("tokenizer.json"), format!("the tokenizer has no {token} token")));
@@ -111,7 +105,7 @@ impl NemotronOmniImages {
     /// per-call `max_pixels` lowers it (and `min_pixels` sets the minimum).
     pub fn budget(&self, images: usize, options: &ProcessOptions) -> usize {
         let area = self.patch_size * self.patch_size;
-        let min = options.min_pixels.map_or(self.min_num_patches, |pixels| (pixels as usize) / area);
+        let min = self.min_patches(options);
         let merge = MERGE * MERGE;
         let mut budget = self.max_model_len.saturating_sub(4).saturating_mul(merge).max(min.saturating_mul(images));
         if let Some(max) = self.max_num_patches {
@@ -122,6 +116,13 @@ impl NemotronOmniImages {
             budget = budget.min(((pixels as usize) / area).max(merge));
         }
         budget
+    }
+
+    /// Fewest patches an image is resized to: the checkpoint's, or a per-call `min_pixels`.
+    fn min_patches(&self, options: &ProcessOptions) -> usize {
+        options
+            .min_pixels
+            .map_or(self.min_num_patches, |pixels| (pixels as usize) / (self.patch_size * self.patch_size))
     }
 
     /// transformers' `get_patch_grid_size`: the `(rows, cols)` of patches an image of
@@ -161,8 +162,8 @@ impl NemotronOmniImages {
     /// Each image's patch grid, from its size alone.
     pub(crate) fn plan(&self, media: &[Media], options: &ProcessOptions) -> Result<Vec<Visual>> {
         let budget = self.budget(media.len(), options);
+        let min = self.min_patches(options);
         let area = self.patch_size * self.patch_size;
-        let min = options.min_pixels.map_or(self.min_num_patches, |pixels| (pixels as usize) / area);
         media
             .iter()
             .map(|item| {

@@ -114,16 +114,7 @@ impl PixtralImages {
             return fail(&path, format!("longest_edge {} is below one patch", images.longest_edge));
         }
         images.normalization.validate().map_err(|message| Error::config(&path, message))?;
-        let found = tokenizer.token_id(&images.image_token);
-        if found != Some(images.image_token_id) {
-            return fail(
-                &dir.join("config.json"),
-                format!(
-                    "image token id {} differs from the tokenizer's {} ({found:?})",
-                    images.image_token_id, images.image_token
-                ),
-            );
-        }
+        tokenizer.check_token_id(&images.image_token, images.image_token_id, &dir.join("config.json"))?;
         for token in [&images.image_break_token, &images.image_end_token] {
             if tokenizer.token_id(token).is_none() {
                 return fail(&processor_path, format!("the tokenizer has no {token} token"));

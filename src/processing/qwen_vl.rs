@@ -135,10 +135,7 @@ impl QwenVlImages {
         images.normalization.validate().map_err(|message| Error::config(&path, message))?;
         for (token, id) in [(&images.image_token, images.image_token_id), (&images.video_token, images.video_token_id)]
         {
-            let found = tokenizer.token_id(token);
-            if found != Some(id) {
-                return fail(format!("token id {id} differs from the tokenizer's {token} ({found:?})"));
-            }
+            tokenizer.check_token_id(token, id, &dir.join("config.json"))?;
         }
         Ok(images)
     }

@@ -140,6 +140,19 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Checks that `token` is token `id` here, as the checkpoint's `config.json` (at `config`)
+    /// says: a mismatch would put image features on the wrong tokens.
+    pub(crate) fn check_token_id(&self, token: &str, id: u32, config: &Path) -> Result<()> {
+        let found = self.token_id(token);
+        if found != Some(id) {
+            return Err(Error::config(
+                config,
+                format!("token id {id} differs from the tokenizer's {token} ({found:?})"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The text of a token id.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

@@ -197,6 +197,25 @@ impl Embedding {
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         burn::tensor::module::embedding(self.weight.val(), ids)
     }
+
+    /// Looks up rows of token ids, checking that they form a non-empty rectangle and stay inside
+    /// a vocabulary of `vocab`.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq_len, hidden]`
+    pub fn lookup(&self, ids: &[Vec<u32>], vocab: usize) -> Result<Tensor<3>> {
+        let batch = ids.len();
+        let seq_len = ids.first().map_or(0, Vec::len);
+        if batch == 0 || seq_len == 0 || ids.iter().any(|row| row.len() != seq_len) {
+            return Err(Error::Input("token ids must be a non-empty rectangle".into()));
+        }
+        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let flat: Vec<i64> = ids.iter().flatten().map(|&id| i64::from(id)).collect();
+        let ids = Tensor::<1, Int>::from_data(flat.as_slice(), &self.weight.lazy_device()).reshape([batch, seq_len]);
+        Ok(self.forward(ids))
+    }
 }
 
 /// The decoder stack without the output projection (transformers' `Qwen2Model`).
@@ -230,18 +249,7 @@ impl TextModel {
     /// # Shapes
     /// - output: `[batch, seq_len, hidden]`
     pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
-        let batch = ids.len();
-        let seq_len = ids.first().map_or(0, Vec::len);
-        if batch == 0 || seq_len == 0 || ids.iter().any(|row| row.len() != seq_len) {
-            return Err(Error::Input("token ids must be a non-empty rectangle".into()));
-        }
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
-        }
-        let flat: Vec<i64> = ids.iter().flatten().map(|&id| i64::from(id)).collect();
-        let ids = Tensor::<1, Int>::from_data(flat.as_slice(), &self.device()).reshape([batch, seq_len]);
-        Ok(self.embed_tokens.forward(ids))
+        self.embed_tokens.lookup(ids, self.config.vocab_size)
     }
 
     /// Runs the decoder over new tokens, appending their keys and values to `cache`; positions

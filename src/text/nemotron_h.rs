@@ -8,7 +8,7 @@
 //! the Mamba layers as zeros, as transformers does.
 
 use burn::module::{Initializer, Module};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::mamba::{Mamba2Config, Mamba2Mixer};
@@ -238,18 +238,7 @@ impl NemotronHModel {
     /// # Shapes
     /// - output: `[batch, seq_len, hidden]`
     pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
-        let batch = ids.len();
-        let seq_len = ids.first().map_or(0, Vec::len);
-        if batch == 0 || seq_len == 0 || ids.iter().any(|row| row.len() != seq_len) {
-            return Err(Error::Input("token ids must be a non-empty rectangle".into()));
-        }
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
-        }
-        let flat: Vec<i64> = ids.iter().flatten().map(|&id| i64::from(id)).collect();
-        let ids = Tensor::<1, Int>::from_data(flat.as_slice(), &self.device()).reshape([batch, seq_len]);
-        Ok(self.embeddings.forward(ids))
+        self.embeddings.lookup(ids, self.config.vocab_size)
     }
 
     /// Runs the blocks over new tokens, continuing from (and updating) `cache`.

@@ -112,17 +112,7 @@ impl RadioVision {
     /// - grids: `(rows, cols)` of patches per image
     /// - output: `layers + 1` tensors `[images * prefix + patches, hidden]`
     pub fn hidden_states(&self, patches: Tensor<2>, grids: &[(usize, usize)], layers: usize) -> Result<Vec<Tensor<2>>> {
-        let [count, width] = patches.dims();
-        let expected: usize = grids.iter().map(|&(h, w)| h * w).sum();
-        if width != self.config.patch_values() || count != expected {
-            return Err(Error::Input(format!(
-                "RADIO takes [{expected}, {}] patches for these grids, got [{count}, {width}]",
-                self.config.patch_values()
-            )));
-        }
-        let prefix = self.config.prefix_tokens;
-        let mut x = self.patch_generator.forward(patches, grids);
-        let segments: Vec<usize> = grids.iter().map(|&(h, w)| prefix + h * w).collect();
+        let (mut x, segments) = self.embed(patches, grids)?;
         let mut states = vec![x.clone()];
         for block in self.blocks.iter().take(layers) {
             x = block.forward(x, &segments);
@@ -132,14 +122,33 @@ impl RadioVision {
     }
 
     /// The last block's output without the prefix tokens: one row per patch, images in order.
+    /// Only the running state is kept, not every block's output.
     ///
     /// # Shapes
     /// - patches: `[patches, channels * patch^2]`
     /// - output: `[patches, hidden]`
     pub fn features(&self, patches: Tensor<2>, grids: &[(usize, usize)]) -> Result<Tensor<2>> {
-        let states = self.hidden_states(patches, grids, self.blocks.len())?;
-        let last = states.into_iter().next_back().expect("the embeddings at least");
-        Ok(drop_prefixes(last, grids, self.config.prefix_tokens))
+        let (mut x, segments) = self.embed(patches, grids)?;
+        for block in &self.blocks {
+            x = block.forward(x, &segments);
+        }
+        Ok(drop_prefixes(x, grids, self.config.prefix_tokens))
+    }
+
+    /// The packed embeddings of every image and each image's sequence length, after checking the
+    /// patches against the grids.
+    fn embed(&self, patches: Tensor<2>, grids: &[(usize, usize)]) -> Result<(Tensor<2>, Vec<usize>)> {
+        let [count, width] = patches.dims();
+        let expected: usize = grids.iter().map(|&(h, w)| h * w).sum();
+        if width != self.config.patch_values() || count != expected {
+            return Err(Error::Input(format!(
+                "RADIO takes [{expected}, {}] patches for these grids, got [{count}, {width}]",
+                self.config.patch_values()
+            )));
+        }
+        let prefix = self.config.prefix_tokens;
+        let segments = grids.iter().map(|&(h, w)| prefix + h * w).collect();
+        Ok((self.patch_generator.forward(patches, grids), segments))
     }
 }
 
