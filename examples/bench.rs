@@ -12,7 +12,9 @@
 //! `--decode-tokens` sets how many tokens the decode rows generate. `--quantize q8|q4` quantizes
 //! the decoder's weights. Each row also reports the parameters' bytes, the bytes a decode step
 //! reads (weights of the decoder and output projection), the bandwidth decode achieves at batch
-//! 1 (those bytes times tokens/s) and, beside it, the machine's measured copy bandwidth.
+//! 1 (those bytes times tokens/s) and, beside it, the machine's measured copy bandwidth. On the
+//! CubeCL devices (wgpu, CUDA) it also counts kernel launches: per decode token, and in the first
+//! request with the distinct kernels among them (each compiled on its first launch in a process).
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorCreationOptions,
 use clap::Parser;
 use serde_json::{Value, json};
 use vlm::Device;
+use vlm::device::KernelLaunches;
 use vlm::models::{InternVlConfig, InternVlModel, ModelInputs, Pixels};
 use vlm::nn::{Activation, NormKind};
 use vlm::projector::ProjectorConfig;
@@ -243,19 +246,45 @@ fn next_tokens(logits: Tensor<3>) -> Vec<u32> {
     last.into_data().iter::<i64>().map(|id| id as u32).collect()
 }
 
-/// Prefill `inputs`, then decode `steps` tokens; returns (time to first token, decode time).
-fn generate(model: &InternVlModel, inputs: &ModelInputs, steps: usize) -> anyhow::Result<(Duration, Duration)> {
+/// Prefill `inputs`, then decode `steps` tokens; returns (time to first token, decode time, kernel
+/// launches of the decode steps where `count_launches`).
+fn generate(
+    model: &InternVlModel,
+    inputs: &ModelInputs,
+    steps: usize,
+    count_launches: bool,
+) -> anyhow::Result<(Duration, Duration, Option<KernelLaunches>)> {
     let start = Instant::now();
     let batch = inputs.input_ids.len();
-    let mut cache = model.new_cache(batch, inputs.input_ids[0].len() + steps + 1);
+    let mut cache =
+        model.new_cache(batch, inputs.input_ids[0].len() + steps + 1).for_device(&model.language_model.device());
     let mut tokens = next_tokens(model.forward(inputs, &mut cache)?);
     let ttft = start.elapsed();
     let decode_start = Instant::now();
-    for _ in 0..steps {
-        let step = ModelInputs { input_ids: tokens.iter().map(|&t| vec![t]).collect(), pixels: None };
-        tokens = next_tokens(model.forward(&step, &mut cache)?);
+    let ((), launches) = counting_launches(count_launches, || {
+        for _ in 0..steps {
+            let step = ModelInputs { input_ids: tokens.iter().map(|&t| vec![t]).collect(), pixels: None };
+            tokens = next_tokens(model.forward(&step, &mut cache)?);
+        }
+        Ok(())
+    })?;
+    Ok((ttft, decode_start.elapsed(), launches))
+}
+
+/// Runs `f`, counting the kernels it launches when `count` (a CubeCL device: the CPU launches
+/// none). `f` must end with a read-back, so that its work has been launched when it returns.
+fn counting_launches<T>(
+    count: bool,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Option<KernelLaunches>)> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if count {
+        let counter = vlm::device::LaunchCounter::start();
+        let value = f()?;
+        return Ok((value, Some(counter.finish())));
     }
-    Ok((ttft, decode_start.elapsed()))
+    let _ = count;
+    Ok((f()?, None))
 }
 
 fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
@@ -279,9 +308,18 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         "decode_bytes_per_token": decode_bytes(&model),
         "init_random_weights_ms": init_ms,
     });
+    let count_launches = !vlm::device::is_cpu(device);
     if args.wants("first_ttft") {
-        // The very first request, compilation and autotuning included.
-        row["first_ttft_ms_1tile"] = ms(generate(&model, &prompt(&model, 1, 1, device), 0)?.0).into();
+        // The very first request, compilation and autotuning included. Reading a weight back first
+        // runs the random initialisation, which is not part of the request.
+        model.language_model.norm.weight.val().sum().into_data();
+        let inputs = prompt(&model, 1, 1, device);
+        let (first, launches) = counting_launches(count_launches, || Ok(generate(&model, &inputs, 0, false)?.0))?;
+        row["first_ttft_ms_1tile"] = ms(first).into();
+        if let Some(launches) = launches {
+            row["first_request_kernel_launches"] = launches.launches.into();
+            row["first_request_kernels_compiled"] = launches.distinct.into();
+        }
     }
     for tiles in [1, 7, 13].into_iter().filter(|tiles| args.wants(&format!("vision_{tiles}"))) {
         let pixel_values = pixels(tiles, &config, device);
@@ -299,17 +337,24 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
             continue;
         }
         let inputs = prompt(&model, tiles, 1, device);
-        row[key] = ms(median(args.runs, || Ok(generate(&model, &inputs, 0)?.0))?).into();
+        row[key] = ms(median(args.runs, || Ok(generate(&model, &inputs, 0, false)?.0))?).into();
     }
     for (batch, steps, key) in [(1, steps_bs1, "decode_tok_s_bs1"), (16, steps_bs16, "decode_tok_s_bs16")] {
         if !args.wants(&format!("decode_bs{batch}")) {
             continue;
         }
         let inputs = prompt(&model, 1, batch, device);
-        let decode = median(args.runs, || Ok(generate(&model, &inputs, steps)?.1))?;
+        let decode = median(args.runs, || Ok(generate(&model, &inputs, steps, false)?.1))?;
         let tokens_per_second = (batch * steps) as f64 / decode.as_secs_f64();
         row[key] = tokens_per_second.into();
         row[format!("{key}_new_tokens")] = steps.into();
+        if count_launches && let (_, _, Some(launches)) = generate(&model, &inputs, steps, true)? {
+            let per_token = |count: usize| count as f64 / steps.max(1) as f64;
+            row[format!("decode_kernel_launches_per_token_bs{batch}")] = per_token(launches.launches).into();
+            let by_name: serde_json::Map<String, Value> =
+                launches.by_name.iter().map(|(name, count)| (name.clone(), per_token(*count).into())).collect();
+            row[format!("decode_kernels_per_token_bs{batch}")] = by_name.into();
+        }
         if batch == 1 {
             let achieved = decode_bytes(&model) as f64 * tokens_per_second / 1e9;
             row["decode_bs1_gb_s"] = achieved.into();

@@ -158,3 +158,64 @@ fn check_cuda_runtime(index: usize) -> crate::Result<()> {
 fn cuda_device(_name: &str) -> crate::Result<Device> {
     Err(crate::Error::Device("this build has no CUDA support; rebuild with `--features cuda`".into()))
 }
+
+/// Kernels launched on the CubeCL devices (wgpu, CUDA) while a [`LaunchCounter`] was counting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelLaunches {
+    /// Launches issued, autotune measurements included.
+    pub launches: usize,
+    /// Launches per kernel name (as the kernel names itself), most launched first.
+    pub by_name: Vec<(String, usize)>,
+    /// Distinct kernels among them. In a fresh process each one is compiled on its first launch
+    /// (or loaded from the persisted cache, where the runtime keeps compiled kernels), so over a
+    /// process's first request this is its kernel compilations.
+    pub distinct: usize,
+}
+
+/// Counts kernel launches on every CubeCL device of the process, from [`start`](Self::start) to
+/// [`finish`](Self::finish): how many kernels a decode step costs, how many a first request
+/// compiles. CubeCL's launch observer is process-wide: one counter at a time, and launches from
+/// other threads count too. The CPU device launches no kernels.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub struct LaunchCounter {
+    count: std::sync::Arc<LaunchCount>,
+    observation: cubecl_runtime::logging::LaunchObservation,
+    distinct: cubecl_runtime::launched::LaunchedKernels,
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[derive(Default)]
+struct LaunchCount(std::sync::Mutex<std::collections::HashMap<&'static str, usize>>);
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl cubecl_runtime::logging::LaunchObserver for LaunchCount {
+    fn launched(&self, kernel: &'static str) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(kernel).or_default() += 1;
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl LaunchCounter {
+    /// Starts counting. Work queued before (burn's fusion keeps operations until it must run them)
+    /// is counted when it launches: sync the device first (read a result back) to leave it out.
+    pub fn start() -> Self {
+        let count = std::sync::Arc::new(LaunchCount::default());
+        let observation = cubecl_runtime::logging::LaunchObservation::new(count.clone());
+        Self { count, observation, distinct: cubecl_runtime::launched::LaunchedKernels::new() }
+    }
+
+    /// Stops counting; sync the device before (read a result back) so that queued work is launched.
+    pub fn finish(self) -> KernelLaunches {
+        use cubecl_runtime::config::{TypeNameFormatLevel, type_name_format};
+        let Self { count, observation, distinct } = self;
+        drop(observation);
+        let counts = std::mem::take(&mut *count.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut by_name: Vec<(String, usize)> = counts
+            .into_iter()
+            .map(|(name, count)| (type_name_format(name, TypeNameFormatLevel::Balanced), count))
+            .collect();
+        by_name.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let launches = by_name.iter().map(|(_, count)| count).sum();
+        KernelLaunches { launches, by_name, distinct: distinct.finish().len() }
+    }
+}

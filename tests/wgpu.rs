@@ -228,12 +228,24 @@ fn child_decodes() {
         generator.step().unwrap();
     }
     let after_3 = logged_so_far(&device);
+    let launches = vlm::device::LaunchCounter::start();
     while !generator.is_finished() {
         generator.step().unwrap();
     }
     let after_64 = logged_so_far(&device);
+    let launches = launches.finish();
     assert_eq!(generator.generation(0).token_ids.len(), 64);
-    eprintln!("batch {batch}: (compilations, autotune runs) after 3 tokens {after_3:?}, after 64 {after_64:?}");
+    let per_token = launches.launches as f64 / 61.0;
+    eprintln!(
+        "batch {batch}: (compilations, autotune runs) after 3 tokens {after_3:?}, after 64 {after_64:?}; \
+         tokens 4..64 launched {per_token:.1} kernels per token, {} distinct",
+        launches.distinct
+    );
+    assert!(
+        launches.launches >= 61,
+        "tokens 4..64 launched {} kernels: is the launch counter wired?",
+        launches.launches
+    );
     assert!(after_3.0 > 0, "no compilation logged: is CUBECL_DEBUG_LOG honoured?");
     assert_eq!(after_3, after_64, "batch {batch}: tokens 4..64 compiled or tuned something");
 }

@@ -156,6 +156,7 @@ impl Model {
     /// them) for `batch` sequences of up to `capacity` tokens. On a GPU its attention reads every
     /// slot ([`KvCache::with_fixed_shapes`]): decode steps keep one shape, so their kernels compile
     /// and autotune once per generation rather than once per token.
+    /// ([`KvCache::for_device`]).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let cache = match self {
             Model::InternVl(model) => model.config().text.new_cache(batch, capacity),
@@ -163,7 +164,7 @@ impl Model {
             Model::Llava(model) => model.new_cache(batch, capacity),
             Model::NemotronOmni(model) => model.new_cache(batch, capacity),
         };
-        cache.with_fixed_shapes(!crate::device::is_cpu(&self.device()))
+        cache.for_device(&self.device())
     }
 
     /// The configuration of a Llama-family (transformer) decoder, if the model has one (Nemotron

@@ -11,6 +11,10 @@ pub type AttentionMask = Option<Tensor<4, Bool>>;
 /// `softmax(q k^T * scale + mask) v`, with each group of `heads / kv_heads` query heads sharing one
 /// key/value head (transformers' `repeat_kv` + `eager_attention_forward`).
 ///
+/// The query heads of a group are folded into the query axis (`[batch, kv_heads, group * q_len,
+/// head_dim]`) instead of repeating the keys and values `group` times: a decode step then reads
+/// the cache once per layer instead of copying it.
+///
 /// # Shapes
 /// - q: `[batch, heads, q_len, head_dim]`
 /// - k, v: `[batch, kv_heads, k_len, head_dim]`
@@ -23,28 +27,22 @@ pub fn scaled_dot_product_attention(
     mask: AttentionMask,
     scale: f64,
 ) -> Tensor<4> {
-    let [batch, heads, q_len, _] = q.dims();
+    let [batch, heads, q_len, head_dim] = q.dims();
     let [_, kv_heads, k_len, _] = k.dims();
-    let k = repeat_kv(k, heads / kv_heads);
-    let v = repeat_kv(v, heads / kv_heads);
-    let mask = mask.map(|mask| mask.expand([batch, heads, q_len, k_len]));
+    let group = heads / kv_heads;
+    // Head `kv * group + g` sits at rows `g * q_len..(g + 1) * q_len` of key/value head `kv`.
+    let q = q.reshape([batch, kv_heads, group * q_len, head_dim]);
+    let mask = mask.map(|mask| {
+        let mask = if group > 1 && q_len > 1 {
+            // [batch, 1, q_len, k_len] -> [batch, 1, group * q_len, k_len]: one copy per group
+            mask.unsqueeze_dim::<5>(1).expand([batch, group, 1, q_len, k_len]).reshape([batch, 1, group * q_len, k_len])
+        } else {
+            mask
+        };
+        mask.expand([batch, kv_heads, group * q_len, k_len])
+    });
     let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
-    attention(q, k, v, mask, None, options)
-}
-
-/// Repeats each key/value head `n_rep` times, adjacent copies for one group.
-///
-/// # Shapes
-/// - x: `[batch, kv_heads, len, head_dim]`
-/// - output: `[batch, kv_heads * n_rep, len, head_dim]`
-fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [batch, kv_heads, len, head_dim] = x.dims();
-    x.unsqueeze_dim::<5>(2) // [batch, kv_heads, 1, len, head_dim]
-        .expand([batch, kv_heads, n_rep, len, head_dim])
-        .reshape([batch, kv_heads * n_rep, len, head_dim])
+    attention(q, k, v, mask, None, options).reshape([batch, heads, q_len, head_dim])
 }
 
 /// Attention of each segment of consecutive rows to itself alone (block-diagonal, as
@@ -101,6 +99,48 @@ pub fn segment_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, segments: &[u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// transformers' way: every key/value head repeated for its group of query heads.
+    fn attention_with_repeated_kv(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: AttentionMask) -> Tensor<4> {
+        let [batch, heads, q_len, head_dim] = q.dims();
+        let [_, kv_heads, k_len, _] = k.dims();
+        let repeat = |x: Tensor<4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([batch, kv_heads, heads / kv_heads, k_len, head_dim])
+                .reshape([batch, heads, k_len, head_dim])
+        };
+        let mask = mask.map(|mask| mask.expand([batch, heads, q_len, k_len]));
+        let options = AttentionModuleOptions { scale: Some(0.3), softcap: None, is_causal: false };
+        attention(q, repeat(k), repeat(v), mask, None, options)
+    }
+
+    #[test]
+    fn grouped_query_heads_fold_into_the_query_axis() {
+        let device = crate::device::cpu();
+        let (batch, heads, kv_heads, k_len, head_dim) = (2, 6, 2, 5, 4);
+        let tensor = |dims: [usize; 4], seed: usize| {
+            let values: Vec<f32> =
+                (0..dims.iter().product()).map(|i| (((i + seed) * 37 % 23) as f32 - 11.0) / 7.0).collect();
+            Tensor::<1>::from_floats(values.as_slice(), &device).reshape(dims)
+        };
+        for q_len in [1, 3] {
+            let q = tensor([batch, heads, q_len, head_dim], 1);
+            let k = tensor([batch, kv_heads, k_len, head_dim], 2);
+            let v = tensor([batch, kv_heads, k_len, head_dim], 3);
+            // Row 1 hides its first two keys; each query hides the keys after its own slot.
+            let hidden: Vec<bool> = (0..batch)
+                .flat_map(|row| {
+                    (0..q_len).flat_map(move |t| (0..k_len).map(move |key| (row == 1 && key < 2) || key > 2 + t))
+                })
+                .collect();
+            let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, q_len, k_len]), &device);
+            let got = scaled_dot_product_attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), 0.3);
+            let want = attention_with_repeated_kv(q, k, v, Some(mask));
+            let (got, want) =
+                (got.into_data().try_to_vec::<f32>().unwrap(), want.into_data().try_to_vec::<f32>().unwrap());
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "q_len {q_len}: {got:?} vs {want:?}");
+        }
+    }
 
     #[test]
     fn segments_attend_only_within_themselves() {

@@ -12,6 +12,10 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use super::mamba::MambaState;
 use crate::error::{Error, Result};
 
+/// On a GPU, KV cache capacities are multiples of this many tokens ([`KvCache::for_device`]):
+/// attention reads the whole capacity, and each distinct capacity is a new set of kernel shapes.
+pub const GPU_CAPACITY_STEP: usize = 256;
+
 /// Keys and values of every decoder layer, written in place as tokens arrive.
 #[derive(Debug)]
 pub struct KvCache {
@@ -30,6 +34,20 @@ pub struct KvCache {
     /// Attention reads every slot of the capacity (unwritten ones masked) instead of the written
     /// ones: one key length for a whole generation.
     fixed_shapes: bool,
+    /// What a decode step's mask is derived from on the device, kept for the whole generation.
+    decode_mask: Option<DecodeMaskParts>,
+}
+
+/// The parts of a one-token mask that stay the same for a whole generation, on the device: the
+/// mask of a decode step is derived from them and the step's slot number, so the host neither
+/// builds nor uploads `batch x keys` booleans per token.
+#[derive(Debug)]
+struct DecodeMaskParts {
+    device: Device,
+    /// Each key slot's index, `[capacity]`.
+    slots: Tensor<1, Int>,
+    /// Which key slots are padding of their row, `[batch, 1, 1, capacity]`.
+    padding: Tensor<4, Bool>,
 }
 
 impl KvCache {
@@ -47,6 +65,7 @@ impl KvCache {
             kv_heads,
             head_dim,
             fixed_shapes: false,
+            decode_mask: None,
         }
     }
 
@@ -57,6 +76,19 @@ impl KvCache {
     pub fn with_fixed_shapes(mut self, fixed: bool) -> Self {
         self.fixed_shapes = fixed;
         self
+    }
+
+    /// Shapes the cache for `device`, before the first forward pass. On the GPU backends attention
+    /// reads the whole capacity ([`with_fixed_shapes`](Self::with_fixed_shapes)) and the capacity
+    /// is rounded up to a multiple of [`GPU_CAPACITY_STEP`], so that the decode steps of a
+    /// generation, and of requests of similar lengths, share their kernels. The CPU reads the
+    /// written slots only.
+    pub fn for_device(mut self, device: &Device) -> Self {
+        if crate::device::is_cpu(device) {
+            return self;
+        }
+        self.capacity = self.capacity.div_ceil(GPU_CAPACITY_STEP).max(1) * GPU_CAPACITY_STEP;
+        self.with_fixed_shapes(true)
     }
 
     /// How many key slots attention reads once `written` slots are written.
@@ -82,6 +114,7 @@ impl KvCache {
             )));
         }
         self.left_padding = left_padding;
+        self.decode_mask = None;
         Ok(self)
     }
 
@@ -117,6 +150,7 @@ impl KvCache {
         self.len = 0;
         self.recurrent.iter_mut().for_each(|state| *state = None);
         self.left_padding.fill(0);
+        self.decode_mask = None;
         self.position_offsets.fill(0);
     }
 
@@ -147,6 +181,7 @@ impl KvCache {
             )));
         }
         self.left_padding = left_padding;
+        self.decode_mask = None;
         Ok(())
     }
 
@@ -161,6 +196,7 @@ impl KvCache {
             return Ok(());
         }
         self.left_padding = rows.iter().map(|&row| self.left_padding[row]).collect();
+        self.decode_mask = None;
         self.position_offsets = rows.iter().map(|&row| self.position_offsets[row]).collect();
         let indices = |device: &Device| {
             let indices: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
@@ -255,18 +291,22 @@ impl KvCache {
     /// also hides unwritten slots), padding keys hidden, and with a sliding window, keys `window`
     /// or more tokens back hidden. A padding query still sees itself, so no row of the softmax is
     /// empty. `None` when nothing needs hiding (one new token, no padding, inside the window, no
-    /// unwritten slot read).
+    /// unwritten slot read). A decode step's mask (one token per row, every row past its padding)
+    /// is derived on the device from parts kept for the generation; a prompt's is built here.
     ///
     /// # Shapes
     /// - output: `[batch, 1, seq_len, keys]`, `keys` = `len + seq_len`, or the capacity with
     ///   [fixed shapes](Self::with_fixed_shapes)
-    pub fn mask(&self, seq_len: usize, device: &Device) -> Option<Tensor<4, Bool>> {
+    pub fn mask(&mut self, seq_len: usize, device: &Device) -> Option<Tensor<4, Bool>> {
         let has_padding = self.left_padding.iter().any(|&pad| pad > 0);
         let total = self.len + seq_len;
         let keys = self.attended(total);
         let window = self.sliding_window.unwrap_or(usize::MAX);
         if seq_len == 1 && !has_padding && total <= window && keys == total {
             return None;
+        }
+        if seq_len == 1 && keys <= self.capacity && self.left_padding.iter().all(|&pad| pad <= self.len) {
+            return Some(self.decode_step_mask(keys, window, device));
         }
         let mut hidden = Vec::with_capacity(self.batch_size() * seq_len * keys);
         for &pad in &self.left_padding {
@@ -279,6 +319,31 @@ impl KvCache {
         }
         let data = TensorData::new(hidden, [self.batch_size(), 1, seq_len, keys]);
         Some(Tensor::from_data(data, device))
+    }
+
+    /// The mask of one new token in slot `len` of every row (each past its padding) against the
+    /// first `keys` slots: keys after the slot, padding keys and keys out of the window hidden.
+    fn decode_step_mask(&mut self, keys: usize, window: usize, device: &Device) -> Tensor<4, Bool> {
+        let batch = self.batch_size();
+        let capacity = self.capacity;
+        if self.decode_mask.as_ref().is_none_or(|parts| parts.device != *device) {
+            let padding: Vec<bool> =
+                self.left_padding.iter().flat_map(|&pad| (0..capacity).map(move |key| key < pad)).collect();
+            self.decode_mask = Some(DecodeMaskParts {
+                device: device.clone(),
+                slots: Tensor::arange(0..capacity as i64, device),
+                padding: Tensor::from_data(TensorData::new(padding, [batch, 1, 1, capacity]), device),
+            });
+        }
+        let parts = self.decode_mask.as_ref().expect("set above");
+        let slot = self.len as i64;
+        let slots = parts.slots.clone().slice(0..keys);
+        let mut hidden = slots.clone().greater_elem(slot);
+        if self.len >= window {
+            hidden = hidden.bool_or(slots.lower_equal_elem(slot - window as i64));
+        }
+        let padding = parts.padding.clone().slice([0..batch, 0..1, 0..1, 0..keys]);
+        padding.bool_or(hidden.reshape([1, 1, 1, keys]).expand([batch, 1, 1, keys]))
     }
 
     /// Writes one layer's keys and values for the new tokens and returns the keys and values
@@ -331,7 +396,7 @@ fn zeros_like_dtype(shape: [usize; 4], dtype: DType, device: &Device) -> Tensor<
 mod tests {
     use super::*;
 
-    fn mask_rows(cache: &KvCache, seq_len: usize) -> Vec<bool> {
+    fn mask_rows(cache: &mut KvCache, seq_len: usize) -> Vec<bool> {
         cache.mask(seq_len, &crate::device::cpu()).unwrap().into_data().try_to_vec::<bool>().unwrap()
     }
 
@@ -345,10 +410,10 @@ mod tests {
 
     #[test]
     fn prefill_mask_is_causal() {
-        let cache = KvCache::new(1, 1, 1, 2, 8);
+        let mut cache = KvCache::new(1, 1, 1, 2, 8);
         let t = true;
         let f = false;
-        assert_eq!(mask_rows(&cache, 3), vec![f, t, t, f, f, t, f, f, f]);
+        assert_eq!(mask_rows(&mut cache, 3), vec![f, t, t, f, f, t, f, f, f]);
     }
 
     #[test]
@@ -357,10 +422,10 @@ mod tests {
         assert_eq!(cache.positions(3), vec![vec![0, 1, 2], vec![0, 0, 0]]);
         let (t, f) = (true, false);
         // Row 1: keys 0 and 1 are padding; padding queries still see themselves.
-        assert_eq!(mask_rows(&cache, 3)[9..], [f, t, t, t, f, t, t, t, f]);
+        assert_eq!(mask_rows(&mut cache, 3)[9..], [f, t, t, t, f, t, t, t, f]);
         cache.advance(3);
         assert_eq!(cache.positions(1), vec![vec![3], vec![1]]);
-        assert_eq!(mask_rows(&cache, 1), vec![f, f, f, f, t, t, f, f]);
+        assert_eq!(mask_rows(&mut cache, 1), vec![f, f, f, f, t, t, f, f]);
     }
 
     fn keys(batch: usize, seq_len: usize, value: f32) -> Tensor<4> {
@@ -412,24 +477,41 @@ mod tests {
     fn a_sliding_window_hides_keys_that_far_back() {
         let mut cache = KvCache::new(1, 1, 1, 2, 8).with_sliding_window(Some(2));
         let (t, f) = (true, false);
-        assert_eq!(mask_rows(&cache, 3), vec![f, t, t, f, f, t, t, f, f]);
+        assert_eq!(mask_rows(&mut cache, 3), vec![f, t, t, f, f, t, t, f, f]);
         cache.advance(3);
         // One new token still needs a mask once keys fall out of the window.
-        assert_eq!(mask_rows(&cache, 1), vec![t, t, f, f]);
+        assert_eq!(mask_rows(&mut cache, 1), vec![t, t, f, f]);
     }
 
     #[test]
     fn fixed_shapes_read_every_slot_and_mask_the_unwritten_ones() {
         let device = crate::device::cpu();
         let mut cache = KvCache::new(1, 1, 1, 2, 6).with_fixed_shapes(true);
-        assert_eq!(mask_rows(&cache, 2), [false, true, true, true, true, true, false, false, true, true, true, true]);
+        assert_eq!(
+            mask_rows(&mut cache, 2),
+            [false, true, true, true, true, true, false, false, true, true, true, true]
+        );
         let (k, _) = cache.update(0, keys(1, 2, 1.0), keys(1, 2, 1.0)).unwrap();
         assert_eq!(k.dims(), [1, 1, 6, 2]);
         cache.advance(2);
         // One new token still gets a mask: slots 3.. are not written yet.
         let mask = cache.mask(1, &device).expect("unwritten slots to hide");
         assert_eq!(mask.dims(), [1, 1, 1, 6]);
-        assert_eq!(mask_rows(&cache, 1), [false, false, false, true, true, true]);
+        assert_eq!(mask_rows(&mut cache, 1), [false, false, false, true, true, true]);
+    }
+
+    #[test]
+    fn decode_masks_follow_a_new_padding_after_clear_and_retain() {
+        let (t, f) = (true, false);
+        let mut cache = KvCache::new(1, 2, 1, 2, 5).with_fixed_shapes(true).with_left_padding(vec![0, 2]).unwrap();
+        cache.advance(3);
+        assert_eq!(mask_rows(&mut cache, 1), [f, f, f, f, t, t, t, f, f, t]);
+        cache.retain_rows(&[1]).unwrap();
+        assert_eq!(mask_rows(&mut cache, 1), [t, t, f, f, t]);
+        cache.clear();
+        cache.set_left_padding(vec![1]).unwrap();
+        cache.advance(2);
+        assert_eq!(mask_rows(&mut cache, 1), [t, f, f, t, t]);
     }
 
     #[test]

@@ -284,8 +284,22 @@ impl RopeTables {
     /// - x: `[batch, heads, seq_len, head_dim]`
     /// - output: like `x`
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let (cos, sin) = (self.cos.clone(), self.sin.clone());
         let dtype = x.dtype();
-        x.clone() * self.cos.clone().cast(dtype) + rotate_half(x) * self.sin.clone().cast(dtype)
+        if cos.dtype() == dtype {
+            x.clone() * cos + rotate_half(x) * sin
+        } else {
+            x.clone() * cos.cast(dtype) + rotate_half(x) * sin.cast(dtype)
+        }
+    }
+
+    /// The tables in `dtype` (computed in f32): cast once per forward pass, not on every layer's
+    /// queries and keys.
+    pub fn in_dtype(self, dtype: burn::tensor::DType) -> Self {
+        if self.cos.dtype() == dtype {
+            return self;
+        }
+        Self { cos: self.cos.cast(dtype), sin: self.sin.cast(dtype) }
     }
 }
 

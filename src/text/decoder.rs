@@ -294,7 +294,8 @@ impl TextModel {
             }
             (Some(_), None) => return Err(Error::Input("three position rows for a decoder without M-RoPE".into())),
             (None, _) => self.rope.tables(&cache.positions(seq_len), &device),
-        };
+        }
+        .in_dtype(inputs_embeds.dtype());
         let mask = cache.mask(seq_len, &device);
         let mut hidden = inputs_embeds;
         for (index, layer) in self.layers.iter().enumerate() {
