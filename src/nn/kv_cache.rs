@@ -46,8 +46,8 @@ struct DecodeMaskParts {
     device: Device,
     /// Each key slot's index, `[capacity]`.
     slots: Tensor<1, Int>,
-    /// Which key slots are padding of their row, `[batch, 1, 1, capacity]`.
-    padding: Tensor<4, Bool>,
+    /// Which key slots are padding of their row, `[batch, 1, 1, capacity]`; `None` without padding.
+    padding: Option<Tensor<4, Bool>>,
 }
 
 impl KvCache {
@@ -327,12 +327,15 @@ impl KvCache {
         let batch = self.batch_size();
         let capacity = self.capacity;
         if self.decode_mask.as_ref().is_none_or(|parts| parts.device != *device) {
-            let padding: Vec<bool> =
-                self.left_padding.iter().flat_map(|&pad| (0..capacity).map(move |key| key < pad)).collect();
+            let padding = self.left_padding.iter().any(|&pad| pad > 0).then(|| {
+                let padding: Vec<bool> =
+                    self.left_padding.iter().flat_map(|&pad| (0..capacity).map(move |key| key < pad)).collect();
+                Tensor::from_data(TensorData::new(padding, [batch, 1, 1, capacity]), device)
+            });
             self.decode_mask = Some(DecodeMaskParts {
                 device: device.clone(),
                 slots: Tensor::arange(0..capacity as i64, device),
-                padding: Tensor::from_data(TensorData::new(padding, [batch, 1, 1, capacity]), device),
+                padding,
             });
         }
         let parts = self.decode_mask.as_ref().expect("set above");
@@ -342,8 +345,11 @@ impl KvCache {
         if self.len >= window {
             hidden = hidden.bool_or(slots.lower_equal_elem(slot - window as i64));
         }
-        let padding = parts.padding.clone().slice([0..batch, 0..1, 0..1, 0..keys]);
-        padding.bool_or(hidden.reshape([1, 1, 1, keys]).expand([batch, 1, 1, keys]))
+        let hidden = hidden.reshape([1, 1, 1, keys]).expand([batch, 1, 1, keys]);
+        match &parts.padding {
+            Some(padding) => padding.clone().slice([0..batch, 0..1, 0..1, 0..keys]).bool_or(hidden),
+            None => hidden,
+        }
     }
 
     /// Writes one layer's keys and values for the new tokens and returns the keys and values

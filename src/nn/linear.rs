@@ -121,7 +121,13 @@ impl Linear {
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|bias| bias.val());
         match &self.weight {
-            LinearWeight::Dense(weight) => burn::tensor::module::linear(input, weight.val(), bias),
+            LinearWeight::Dense(weight) => {
+                let weight = weight.val();
+                match super::gemv::linear(&input, &weight, bias.as_ref()) {
+                    Some(output) => output,
+                    None => burn::tensor::module::linear(input, weight, bias),
+                }
+            }
             LinearWeight::Quantized(weight) => {
                 let output = weight.forward(input);
                 match bias {

@@ -2,6 +2,7 @@
 //! layout, normalisation layers, rotary embeddings, attention, gated MLPs and the KV cache.
 
 pub mod attention;
+pub mod gemv;
 pub mod kv_cache;
 pub mod linear;
 pub mod mamba;

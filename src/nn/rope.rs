@@ -204,11 +204,12 @@ impl RotaryEmbedding {
         let mut sin = Vec::with_capacity(batch * seq_len * self.head_dim);
         for row in positions {
             for rows in row {
-                for _half in 0..2 {
+                // The first half's sines negated: `rotate_half`'s sign, folded into the table.
+                for sign in [-1.0, 1.0] {
                     for (j, &freq) in inv_freq.iter().enumerate() {
                         let angle = rows[layout.row(j)] as f32 * freq;
                         cos.push(angle.cos() * self.attention_scaling);
-                        sin.push(angle.sin() * self.attention_scaling);
+                        sin.push(sign * angle.sin() * self.attention_scaling);
                     }
                 }
             }
@@ -268,29 +269,37 @@ fn default_inv_freq(head_dim: usize, base: f32) -> Vec<f32> {
 }
 
 /// Cosines and sines for the positions of one forward pass, with the half-size frequencies repeated
-/// twice (`cat(freqs, freqs)`), shared by every layer.
+/// twice (`cat(freqs, freqs)`), shared by every layer. The sines of the first half are stored
+/// negated, so that `rotate_half(x) * sin` is the halves of `x` swapped times this table.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     /// `[batch, 1, seq_len, head_dim]`
     cos: Tensor<4>,
-    /// `[batch, 1, seq_len, head_dim]`
+    /// `[batch, 1, seq_len, head_dim]`: `cat(-sin, sin)`
     sin: Tensor<4>,
 }
 
 impl RopeTables {
-    /// Rotates queries or keys: `x * cos + rotate_half(x) * sin`.
+    /// Rotates queries or keys: `x * cos + rotate_half(x) * sin`, computed as `x * cos +
+    /// swap_halves(x) * cat(-sin, sin)` (the same products, so the same values): swapping the
+    /// halves is a flip of a `[2, head_dim / 2]` view, which copies nothing on the CPU and costs
+    /// one kernel on a GPU where `rotate_half`'s concatenation costs two.
     ///
     /// # Shapes
     /// - x: `[batch, heads, seq_len, head_dim]`
     /// - output: like `x`
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        let [batch, heads, seq_len, head_dim] = x.dims();
         let dtype = x.dtype();
-        if cos.dtype() == dtype {
-            x.clone() * cos + rotate_half(x) * sin
-        } else {
-            x.clone() * cos.cast(dtype) + rotate_half(x) * sin.cast(dtype)
-        }
+        let halves = |t: Tensor<4>| {
+            let rows = t.dims()[1];
+            let t = if t.dtype() == dtype { t } else { t.cast(dtype) };
+            t.reshape([batch, rows, seq_len, 2, head_dim / 2])
+        };
+        let (cos, sin) = (halves(self.cos.clone()), halves(self.sin.clone()));
+        let x = halves(x);
+        let out = x.clone() * cos + x.flip([3]) * sin;
+        out.reshape([batch, heads, seq_len, head_dim])
     }
 
     /// The tables in `dtype` (computed in f32): cast once per forward pass, not on every layer's

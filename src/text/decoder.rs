@@ -198,6 +198,25 @@ impl Embedding {
         burn::tensor::module::embedding(self.weight.val(), ids)
     }
 
+    /// Logits with the table as output projection (a tied `lm_head`).
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq_len, hidden]`
+    /// - output: `[batch, seq_len, vocab]`
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let [batch, seq_len, width] = hidden.dims();
+        let table = self.weight.val(); // [vocab, hidden]
+        let vocab = table.dims()[0];
+        let hidden = hidden.reshape([batch * seq_len, width]);
+        if let Some(logits) = crate::nn::gemv::times_transposed(&hidden, &table) {
+            return logits.reshape([batch, seq_len, vocab]);
+        }
+        // `table · hidden^T` reads the table row by row, as stored; `hidden · table^T` would read it
+        // through a transposed view, several times slower on the CPU backend.
+        let logits = table.matmul(hidden.transpose()); // [vocab, batch * seq_len]
+        logits.transpose().reshape([batch, seq_len, vocab])
+    }
+
     /// Looks up rows of token ids, checking that they form a non-empty rectangle and stay inside
     /// a vocabulary of `vocab`.
     ///
@@ -321,13 +340,7 @@ impl TextModel {
     /// - hidden: `[batch, seq_len, hidden]`
     /// - output: `[batch, seq_len, vocab]`
     pub fn tied_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let [batch, seq_len, width] = hidden.dims();
-        let table = self.embed_tokens.weight.val(); // [vocab, hidden]
-        let vocab = table.dims()[0];
-        // `table · hidden^T` reads the table row by row, as stored; `hidden · table^T` would read it
-        // through a transposed view, several times slower per decode step on the CPU backend.
-        let logits = table.matmul(hidden.reshape([batch * seq_len, width]).transpose()); // [vocab, batch * seq_len]
-        logits.transpose().reshape([batch, seq_len, vocab])
+        self.embed_tokens.logits(hidden)
     }
 }
 

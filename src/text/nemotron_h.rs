@@ -293,10 +293,6 @@ impl NemotronHModel {
     /// - hidden: `[batch, seq_len, hidden]`
     /// - output: `[batch, seq_len, vocab]`
     pub fn tied_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let [batch, seq_len, width] = hidden.dims();
-        let table = self.embeddings.weight.val();
-        let vocab = table.dims()[0];
-        let logits = table.matmul(hidden.reshape([batch * seq_len, width]).transpose());
-        logits.transpose().reshape([batch, seq_len, vocab])
+        self.embeddings.logits(hidden)
     }
 }
