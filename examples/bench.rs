@@ -318,7 +318,7 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         row["first_ttft_ms_1tile"] = ms(first).into();
         if let Some(launches) = launches {
             row["first_request_kernel_launches"] = launches.launches.into();
-            row["first_request_kernels_compiled"] = launches.distinct.into();
+            row["first_request_distinct_kernels"] = launches.distinct.into();
         }
     }
     for tiles in [1, 7, 13].into_iter().filter(|tiles| args.wants(&format!("vision_{tiles}"))) {
