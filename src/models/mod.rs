@@ -154,9 +154,8 @@ impl Model {
 
     /// An empty cache (attention keys and values, and recurrent states where the decoder has
     /// them) for `batch` sequences of up to `capacity` tokens. On a GPU its attention reads every
-    /// slot ([`KvCache::with_fixed_shapes`]): decode steps keep one shape, so their kernels compile
-    /// and autotune once per generation rather than once per token.
-    /// ([`KvCache::for_device`]).
+    /// slot, its capacity rounded up to a step ([`KvCache::for_device`]): decode steps keep one
+    /// shape, so their kernels compile and autotune once per generation rather than once per token.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let cache = match self {
             Model::InternVl(model) => model.config().text.new_cache(batch, capacity),

@@ -44,6 +44,8 @@ pub struct KvCache {
 #[derive(Debug)]
 struct DecodeMaskParts {
     device: Device,
+    /// The padding of each row the parts were built for.
+    left_padding: Vec<usize>,
     /// Each key slot's index, `[capacity]`.
     slots: Tensor<1, Int>,
     /// Which key slots are padding of their row, `[batch, 1, 1, capacity]`; `None` without padding.
@@ -114,7 +116,6 @@ impl KvCache {
             )));
         }
         self.left_padding = left_padding;
-        self.decode_mask = None;
         Ok(self)
     }
 
@@ -150,7 +151,6 @@ impl KvCache {
         self.len = 0;
         self.recurrent.iter_mut().for_each(|state| *state = None);
         self.left_padding.fill(0);
-        self.decode_mask = None;
         self.position_offsets.fill(0);
     }
 
@@ -181,7 +181,6 @@ impl KvCache {
             )));
         }
         self.left_padding = left_padding;
-        self.decode_mask = None;
         Ok(())
     }
 
@@ -196,7 +195,6 @@ impl KvCache {
             return Ok(());
         }
         self.left_padding = rows.iter().map(|&row| self.left_padding[row]).collect();
-        self.decode_mask = None;
         self.position_offsets = rows.iter().map(|&row| self.position_offsets[row]).collect();
         let indices = |device: &Device| {
             let indices: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
@@ -326,7 +324,8 @@ impl KvCache {
     fn decode_step_mask(&mut self, keys: usize, window: usize, device: &Device) -> Tensor<4, Bool> {
         let batch = self.batch_size();
         let capacity = self.capacity;
-        if self.decode_mask.as_ref().is_none_or(|parts| parts.device != *device) {
+        let stale = |parts: &DecodeMaskParts| parts.device != *device || parts.left_padding != self.left_padding;
+        if self.decode_mask.as_ref().is_none_or(stale) {
             let padding = self.left_padding.iter().any(|&pad| pad > 0).then(|| {
                 let padding: Vec<bool> =
                     self.left_padding.iter().flat_map(|&pad| (0..capacity).map(move |key| key < pad)).collect();
@@ -334,6 +333,7 @@ impl KvCache {
             });
             self.decode_mask = Some(DecodeMaskParts {
                 device: device.clone(),
+                left_padding: self.left_padding.clone(),
                 slots: Tensor::arange(0..capacity as i64, device),
                 padding,
             });
