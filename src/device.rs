@@ -32,6 +32,58 @@ pub fn is_cpu(device: &Device) -> bool {
     *device == cpu()
 }
 
+/// Runs `work` on a thread of the CPU's compute pool (rayon's global pool, over which burn-flex
+/// and [`crate::nn`]'s products split their loops), the pool's other threads kept awake for it,
+/// and returns what it returns.
+///
+/// A parallel loop started from outside the pool hands its work to the pool and puts the caller
+/// to sleep until it is done, and a pool thread with nothing to do soon sleeps too; waking a
+/// thread costs tens of microseconds (more on a virtual machine), as long as one of a decode
+/// step's smaller products takes. A decode step starts a few hundred loops: at the 1B shape on 2
+/// cores the products ran at one core's bandwidth. So `work` runs on a pool thread, where a loop
+/// shares its work with the thread that starts it, and the other pool threads poll for work
+/// until `work` returns instead of sleeping (as llama.cpp's threads spin between operations).
+/// Nested calls run in place.
+pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Ends the polling when `work` returns or unwinds.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let owner = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            let done = &done;
+            scope.spawn(move |_| poll_for_work(done, owner));
+        }
+        let _done = Done(&done);
+        work()
+    })
+}
+
+/// Runs the pool's pending jobs on this thread until `done`. Returns at once on `owner` (the thread
+/// that runs the work: it would wait on itself) and on a thread that is polling already.
+fn poll_for_work(done: &std::sync::atomic::AtomicBool, owner: Option<usize>) {
+    use std::cell::Cell;
+    thread_local! {
+        static POLLING: Cell<bool> = const { Cell::new(false) };
+    }
+    if rayon::current_thread_index() == owner || POLLING.get() {
+        return;
+    }
+    POLLING.set(true);
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
+    POLLING.set(false);
+}
+
 /// A device by name: `cpu`; `cuda` or `cuda:N` (with the `cuda` feature); `wgpu` (any Vulkan,
 /// Metal or DX12 GPU, shaders in WGSL; with the `wgpu` feature).
 pub fn from_name(name: &str) -> crate::Result<Device> {
@@ -217,5 +269,29 @@ impl LaunchCounter {
         by_name.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let launches = by_name.iter().map(|(_, count)| count).sum();
         KernelLaunches { launches, by_name, distinct: distinct.finish().len() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    use super::on_compute_pool;
+
+    #[test]
+    fn work_runs_on_a_pool_thread_and_its_loops_finish() {
+        let (on_pool, sum) = on_compute_pool(|| {
+            let inner = on_compute_pool(|| (0..10_000u64).into_par_iter().sum::<u64>());
+            (rayon::current_thread_index().is_some(), inner)
+        });
+        assert!(on_pool);
+        assert_eq!(sum, 49_995_000);
+    }
+
+    #[test]
+    fn a_panic_in_the_work_reaches_the_caller_and_the_pool_keeps_working() {
+        let result = std::panic::catch_unwind(|| on_compute_pool(|| panic!("inside the pool")));
+        assert!(result.is_err());
+        assert_eq!(on_compute_pool(|| (1..=100u32).into_par_iter().sum::<u32>()), 5050);
     }
 }
