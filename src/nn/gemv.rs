@@ -182,6 +182,9 @@ fn columns_of_product(
     acc
 }
 
+/// Weight rows between the one [`accumulate`] reads and the one it prefetches.
+const PREFETCH_ROWS: usize = 4;
+
 /// `acc[r, j] += sum_k x[r, k] w[k, first + j]`, reading `w` row by row. Written so that the
 /// compiler vectorises the inner loop over `j` (lane-wise FMAs, no reassociation).
 #[inline(always)]
@@ -189,6 +192,18 @@ fn accumulate(acc: &mut [f32], x: &[f32], rows: usize, w: &[f32], d_input: usize
     let count = acc.len() / rows;
     for k in 0..d_input {
         let w_row = &w[k * d_output + first..][..count];
+        // Each task reads a column range of every weight row, short runs that the hardware
+        // prefetcher picks up late: ask for the row PREFETCH_ROWS ahead, a cache line at a time.
+        #[cfg(target_arch = "x86_64")]
+        if k + PREFETCH_ROWS < d_input {
+            let ahead = w[(k + PREFETCH_ROWS) * d_output + first..][..count].as_ptr();
+            for line in (0..count).step_by(16) {
+                // SAFETY: a prefetch reads nothing; the address is inside `w`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.add(line).cast())
+                };
+            }
+        }
         for (row, acc) in acc.chunks_exact_mut(count).enumerate() {
             let xk = x[row * d_input + k];
             for (a, &wv) in acc.iter_mut().zip(w_row) {
@@ -214,7 +229,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`dot_lanes`] with the fastest instructions the CPU has.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
