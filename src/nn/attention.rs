@@ -4,6 +4,113 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+/// Attention of one new token per sequence, on the CPU.
+mod cpu {
+    use burn::tensor::{Bool, DType, Tensor, TensorData};
+    use burn_flex::{Flex, FlexTensor};
+    use rayon::prelude::*;
+
+    /// Attention for `q: [batch, kv_heads, rows, head_dim]` (the query heads of a group folded into
+    /// rows, one position each) over keys and values read where they lie: views of the KV cache,
+    /// whose heads are not adjacent. burn-flex's attention first copies such views whole, and
+    /// that copy and its small matrix products were most of a decode step's attention at the 1B
+    /// shape. `None` unless every tensor is f32 on burn-flex with contiguous head rows.
+    pub(super) fn decode_attention(
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        mask: Option<&Tensor<4, Bool>>,
+        scale: f64,
+    ) -> Option<Tensor<4>> {
+        let [batch, kv_heads, rows, head_dim] = q.dims();
+        let k_len = k.dims()[2];
+        let device = q.device();
+        let (q, k, v) = (f32_primitive(q)?, f32_primitive(k)?, f32_primitive(v)?);
+        let q = if q.is_contiguous() { q } else { q.to_contiguous() };
+        let (start, end) = q.layout().contiguous_offsets()?;
+        let queries = q.storage::<f32>().get(start..end)?;
+        let (keys, values) = (Rows::of(&k)?, Rows::of(&v)?);
+        // `[batch, 1, 1, k_len]`: which keys each sequence's new token must not see.
+        let hidden: Option<Vec<bool>> = match mask {
+            Some(mask) => Some(mask.clone().expand([batch, 1, 1, k_len]).into_data().try_to_vec::<bool>().ok()?),
+            None => None,
+        };
+        let mut out = vec![0f32; batch * kv_heads * rows * head_dim];
+        out.par_chunks_mut(rows * head_dim).enumerate().for_each(|(task, out)| {
+            let (b, head) = (task / kv_heads, task % kv_heads);
+            let hidden = hidden.as_ref().map(|hidden| &hidden[b * k_len..(b + 1) * k_len]);
+            let mut scores = vec![0f32; k_len];
+            for (row, out) in out.chunks_exact_mut(head_dim).enumerate() {
+                let query = &queries[(task * rows + row) * head_dim..][..head_dim];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    *score = match hidden {
+                        Some(hidden) if hidden[j] => f32::NEG_INFINITY,
+                        _ => super::super::gemv::dot(query, keys.row(b, head, j)) * scale as f32,
+                    };
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if max == f32::NEG_INFINITY {
+                    continue; // every key hidden: zeros
+                }
+                let mut total = 0f32;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    total += *score;
+                }
+                for (j, &weight) in scores.iter().enumerate() {
+                    let weight = weight / total;
+                    for (o, &value) in out.iter_mut().zip(values.row(b, head, j)) {
+                        *o += weight * value;
+                    }
+                }
+            }
+        });
+        let data = TensorData::new(out, [batch, kv_heads, rows, head_dim]);
+        Some(Tensor::from_data(data, &device))
+    }
+
+    /// The tensor's burn-flex primitive as it lies (a view stays a view), when it is f32.
+    fn f32_primitive(tensor: &Tensor<4>) -> Option<FlexTensor> {
+        if tensor.dtype() != DType::F32 {
+            return None;
+        }
+        tensor.clone().try_into_primitive::<Flex>().ok()
+    }
+
+    /// Rows of `head_dim` values of a `[batch, heads, len, head_dim]` view with contiguous rows.
+    struct Rows<'a> {
+        storage: &'a [f32],
+        start: usize,
+        strides: [usize; 3],
+        head_dim: usize,
+    }
+
+    impl<'a> Rows<'a> {
+        fn of(tensor: &'a FlexTensor) -> Option<Self> {
+            let layout = tensor.layout();
+            let (strides, dims) = (layout.strides(), layout.shape());
+            if strides.len() != 4 || strides[3] != 1 || strides.iter().any(|&stride| stride < 0) {
+                return None;
+            }
+            let storage = tensor.storage::<f32>();
+            let stride = |axis: usize| strides[axis] as usize;
+            let last =
+                layout.start_offset() + (0..4).map(|axis| dims[axis].saturating_sub(1) * stride(axis)).sum::<usize>();
+            (layout.num_elements() > 0 && last < storage.len()).then_some(Self {
+                storage,
+                start: layout.start_offset(),
+                strides: [stride(0), stride(1), stride(2)],
+                head_dim: dims[3],
+            })
+        }
+
+        fn row(&self, batch: usize, head: usize, position: usize) -> &'a [f32] {
+            let at = self.start + batch * self.strides[0] + head * self.strides[1] + position * self.strides[2];
+            &self.storage[at..at + self.head_dim]
+        }
+    }
+}
+
 /// A boolean mask where `true` hides a key from a query, `[batch, 1, q_len, k_len]` (broadcast over
 /// heads). `None` means every query sees every key.
 pub type AttentionMask = Option<Tensor<4, Bool>>;
@@ -32,6 +139,11 @@ pub fn scaled_dot_product_attention(
     let group = heads / kv_heads;
     // Head `kv * group + g` sits at rows `g * q_len..(g + 1) * q_len` of key/value head `kv`.
     let q = q.reshape([batch, kv_heads, group * q_len, head_dim]);
+    if q_len == 1
+        && let Some(out) = cpu::decode_attention(&q, &k, &v, mask.as_ref(), scale)
+    {
+        return out.reshape([batch, heads, q_len, head_dim]);
+    }
     let mask = mask.map(|mask| {
         let mask = if group > 1 && q_len > 1 {
             // [batch, 1, q_len, k_len] -> [batch, 1, group * q_len, k_len]: one copy per group
@@ -139,6 +251,34 @@ mod tests {
             let (got, want) =
                 (got.into_data().try_to_vec::<f32>().unwrap(), want.into_data().try_to_vec::<f32>().unwrap());
             assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "q_len {q_len}: {got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn decode_attention_reads_cache_views_as_the_fused_op_does() {
+        let device = crate::device::cpu();
+        let (batch, heads, kv_heads, capacity, k_len, head_dim) = (2, 6, 2, 9, 5, 16);
+        let tensor = |dims: [usize; 4], seed: usize| {
+            let values: Vec<f32> =
+                (0..dims.iter().product()).map(|i| (((i + seed) * 37 % 23) as f32 - 11.0) / 7.0).collect();
+            Tensor::<1>::from_floats(values.as_slice(), &device).reshape(dims)
+        };
+        let q = tensor([batch, heads, 1, head_dim], 1);
+        // The first `k_len` slots of a cache of `capacity`: heads not adjacent in memory.
+        let k = tensor([batch, kv_heads, capacity, head_dim], 2).narrow(2, 0, k_len);
+        let v = tensor([batch, kv_heads, capacity, head_dim], 3).narrow(2, 0, k_len);
+        // Row 1 hides its first two keys (left padding).
+        let hidden: Vec<bool> = (0..batch).flat_map(|row| (0..k_len).map(move |key| row == 1 && key < 2)).collect();
+        let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, 1, k_len]), &device);
+        for mask in [None, Some(mask)] {
+            let folded = q.clone().reshape([batch, kv_heads, heads / kv_heads, head_dim]);
+            assert!(cpu::decode_attention(&folded, &k, &v, mask.as_ref(), 0.3).is_some(), "the CPU path applies");
+            let got = scaled_dot_product_attention(q.clone(), k.clone(), v.clone(), mask.clone(), 0.3);
+            let want = attention_with_repeated_kv(q.clone(), k.clone(), v.clone(), mask.clone());
+            let (got, want) =
+                (got.into_data().try_to_vec::<f32>().unwrap(), want.into_data().try_to_vec::<f32>().unwrap());
+            let masked = mask.is_some();
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "mask {masked}: {got:?} vs {want:?}");
         }
     }
 
