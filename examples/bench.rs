@@ -12,7 +12,10 @@
 //! `--decode-tokens` sets how many tokens the decode rows generate. `--quantize q8|q4` quantizes
 //! the decoder's weights. Each row also reports the parameters' bytes, the bytes a decode step
 //! reads (weights of the decoder and output projection), the bandwidth decode achieves at batch
-//! 1 (those bytes times tokens/s) and, beside it, the machine's measured copy bandwidth. On the
+//! 1 (those bytes times tokens/s) and, beside it, the machine's copy bandwidth, measured before
+//! and after each run (`decode_bs1_fraction_of_copy`: the median of the runs' shares). Time to
+//! first token ends with the first token's logits (the last position's only, as a generation
+//! computes them). On the
 //! CubeCL devices (wgpu, CUDA) it also counts kernel launches: per decode token, and in the first
 //! request with the distinct kernels among them (each compiled on its first launch in a process).
 
@@ -24,7 +27,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 use vlm::Device;
 use vlm::device::KernelLaunches;
-use vlm::models::{InternVlConfig, InternVlModel, ModelInputs, Pixels};
+use vlm::models::{InternVlConfig, InternVlModel, Model, ModelInputs, Pixels};
 use vlm::nn::{Activation, NormKind};
 use vlm::projector::ProjectorConfig;
 use vlm::text::TextConfig;
@@ -173,7 +176,9 @@ impl ModuleMapper for Randomize<'_> {
 }
 
 /// The machine's copy bandwidth in GB/s (bytes read plus bytes written per second, as STREAM's
-/// Copy counts them), every core copying its share of 512 MiB; the best of three.
+/// Copy counts them), every core copying its share of 512 MiB; the best of three. On a shared
+/// machine it moves with the neighbours' load: the decode row measures it before and after each
+/// run.
 fn copy_bandwidth() -> f64 {
     use rayon::prelude::*;
     let len = 512 << 20;
@@ -238,10 +243,12 @@ fn prompt(model: &InternVlModel, tiles: usize, batch: usize, device: &Device) ->
 }
 
 /// Greedy next tokens from the last position's logits (reads them back: a device sync).
-fn next_tokens(logits: Tensor<3>) -> Vec<u32> {
-    let [batch, seq_len, vocab] = logits.dims();
-    // [batch, 1, vocab] -> [batch, 1]
-    let last = logits.slice([0..batch, seq_len - 1..seq_len, 0..vocab]).argmax(2).reshape([batch]);
+/// The greedy next token of each row: the last position's hidden state through the output
+/// projection (as the generator does: no logits for the prompt's other positions).
+fn next_tokens(model: &Model, hidden: Tensor<3>) -> Vec<u32> {
+    let [batch, seq_len, _] = hidden.dims();
+    // [batch, 1, vocab] -> [batch]
+    let last = model.logits(hidden.narrow(1, seq_len - 1, 1)).argmax(2).reshape([batch]);
     let last: Tensor<1, Int> = last;
     last.into_data().iter::<i64>().map(|id| id as u32).collect()
 }
@@ -249,22 +256,21 @@ fn next_tokens(logits: Tensor<3>) -> Vec<u32> {
 /// Prefill `inputs`, then decode `steps` tokens; returns (time to first token, decode time, kernel
 /// launches of the decode steps where `count_launches`).
 fn generate(
-    model: &InternVlModel,
+    model: &Model,
     inputs: &ModelInputs,
     steps: usize,
     count_launches: bool,
 ) -> anyhow::Result<(Duration, Duration, Option<KernelLaunches>)> {
     let start = Instant::now();
     let batch = inputs.input_ids.len();
-    let mut cache =
-        model.new_cache(batch, inputs.input_ids[0].len() + steps + 1).for_device(&model.language_model.device());
-    let mut tokens = next_tokens(model.forward(inputs, &mut cache)?);
+    let mut cache = model.new_cache(batch, inputs.input_ids[0].len() + steps + 1);
+    let mut tokens = next_tokens(model, model.hidden_states(inputs, &mut cache)?);
     let ttft = start.elapsed();
     let decode_start = Instant::now();
     let ((), launches) = counting_launches(count_launches, || {
         for _ in 0..steps {
             let step = ModelInputs { input_ids: tokens.iter().map(|&t| vec![t]).collect(), pixels: None };
-            tokens = next_tokens(model.forward(&step, &mut cache)?);
+            tokens = next_tokens(model, model.hidden_states(&step, &mut cache)?);
         }
         Ok(())
     })?;
@@ -291,7 +297,8 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
     let mut config = config(size)?;
     config.text.quantization = args.quantize;
     let init_start = Instant::now();
-    let model = config.init(device).map(&mut Randomize { device, containers: Vec::new(), state: 1 });
+    let model = Model::InternVl(config.init(device).map(&mut Randomize { device, containers: Vec::new(), state: 1 }));
+    let internvl = model.as_internvl().expect("an InternVL model");
     let params = model.num_params();
     let init_ms = ms(init_start.elapsed());
     let tiny = size == "tiny";
@@ -304,16 +311,16 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         "dtype": args.dtype,
         "quantize": args.quantize.map(|kind| format!("{kind:?}").to_lowercase()),
         "params": params,
-        "parameter_bytes": vlm::nn::parameter_bytes(&model),
-        "decode_bytes_per_token": decode_bytes(&model),
+        "parameter_bytes": model.parameter_bytes(),
+        "decode_bytes_per_token": decode_bytes(internvl),
         "init_random_weights_ms": init_ms,
     });
     let count_launches = !vlm::device::is_cpu(device);
     if args.wants("first_ttft") {
         // The very first request, compilation and autotuning included. Reading a weight back first
         // runs the random initialisation, which is not part of the request.
-        model.language_model.norm.weight.val().sum().into_data();
-        let inputs = prompt(&model, 1, 1, device);
+        internvl.language_model.norm.weight.val().sum().into_data();
+        let inputs = prompt(internvl, 1, 1, device);
         let (first, launches) = counting_launches(count_launches, || Ok(generate(&model, &inputs, 0, false)?.0))?;
         row["first_ttft_ms_1tile"] = ms(first).into();
         if let Some(launches) = launches {
@@ -326,7 +333,8 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         let time = median(args.runs, || {
             timed(|| {
                 // The sum reads back one number: the device has finished.
-                model.image_features(pixel_values.clone())?.sum().into_data();
+                // On a pool thread, as the model's own entry points run on the CPU.
+                vlm::device::on_compute_pool(|| internvl.image_features(pixel_values.clone()))?.sum().into_data();
                 Ok(())
             })
         })?;
@@ -336,15 +344,26 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         if !args.wants(&format!("ttft_{tiles}")) {
             continue;
         }
-        let inputs = prompt(&model, tiles, 1, device);
+        let inputs = prompt(internvl, tiles, 1, device);
         row[key] = ms(median(args.runs, || Ok(generate(&model, &inputs, 0, false)?.0))?).into();
     }
     for (batch, steps, key) in [(1, steps_bs1, "decode_tok_s_bs1"), (16, steps_bs16, "decode_tok_s_bs16")] {
         if !args.wants(&format!("decode_bs{batch}")) {
             continue;
         }
-        let inputs = prompt(&model, 1, batch, device);
-        let decode = median(args.runs, || Ok(generate(&model, &inputs, steps, false)?.1))?;
+        let inputs = prompt(internvl, 1, batch, device);
+        // On the CPU at batch 1 each run is flanked by copy-bandwidth measurements (their mean is
+        // that run's copy bandwidth): what the machine streams moves with its neighbours' load.
+        let flank = batch == 1 && args.device.starts_with("cpu");
+        let mut flanked_runs = Vec::new();
+        let decode = median(args.runs, || {
+            let before = flank.then(copy_bandwidth);
+            let time = generate(&model, &inputs, steps, false)?.1;
+            if let Some(before) = before {
+                flanked_runs.push((time, (before + copy_bandwidth()) / 2.0));
+            }
+            Ok(time)
+        })?;
         let tokens_per_second = (batch * steps) as f64 / decode.as_secs_f64();
         row[key] = tokens_per_second.into();
         row[format!("{key}_new_tokens")] = steps.into();
@@ -356,12 +375,21 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
             row[format!("decode_kernels_per_token_bs{batch}")] = by_name.into();
         }
         if batch == 1 {
-            let achieved = decode_bytes(&model) as f64 * tokens_per_second / 1e9;
+            let achieved = decode_bytes(internvl) as f64 * tokens_per_second / 1e9;
             row["decode_bs1_gb_s"] = achieved.into();
-            if args.device.starts_with("cpu") {
-                let copy = copy_bandwidth();
-                row["machine_copy_gb_s"] = copy.into();
-                row["decode_bs1_fraction_of_copy"] = (achieved / copy).into();
+            if flank {
+                // The warm-up run is not counted.
+                let runs = &flanked_runs[1..];
+                let middle = |mut values: Vec<f64>| {
+                    values.sort_by(f64::total_cmp);
+                    values[values.len() / 2]
+                };
+                let fraction = |&(time, copy): &(Duration, f64)| {
+                    decode_bytes(internvl) as f64 * steps as f64 / time.as_secs_f64() / 1e9 / copy
+                };
+                row["machine_copy_gb_s"] = middle(runs.iter().map(|&(_, copy)| copy).collect()).into();
+                row["decode_bs1_fraction_of_copy"] = middle(runs.iter().map(fraction).collect()).into();
+                row["decode_bs1_fraction_of_copy_runs"] = runs.iter().map(fraction).collect::<Vec<_>>().into();
             }
         }
     }
