@@ -299,6 +299,7 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
     let init_start = Instant::now();
     let model = Model::InternVl(config.init(device).map(&mut Randomize { device, containers: Vec::new(), state: 1 }));
     let internvl = model.as_internvl().expect("an InternVL model");
+    let bytes_per_token = decode_bytes(internvl);
     let params = model.num_params();
     let init_ms = ms(init_start.elapsed());
     let tiny = size == "tiny";
@@ -312,7 +313,7 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
         "quantize": args.quantize.map(|kind| format!("{kind:?}").to_lowercase()),
         "params": params,
         "parameter_bytes": model.parameter_bytes(),
-        "decode_bytes_per_token": decode_bytes(internvl),
+        "decode_bytes_per_token": bytes_per_token,
         "init_random_weights_ms": init_ms,
     });
     let count_launches = !vlm::device::is_cpu(device);
@@ -334,7 +335,9 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
             timed(|| {
                 // The sum reads back one number: the device has finished.
                 // On a pool thread, as the model's own entry points run on the CPU.
-                vlm::device::on_compute_pool(|| internvl.image_features(pixel_values.clone()))?.sum().into_data();
+                vlm::device::on_compute_pool(device, || internvl.image_features(pixel_values.clone()))?
+                    .sum()
+                    .into_data();
                 Ok(())
             })
         })?;
@@ -375,8 +378,8 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
             row[format!("decode_kernels_per_token_bs{batch}")] = by_name.into();
         }
         if batch == 1 {
-            let achieved = decode_bytes(internvl) as f64 * tokens_per_second / 1e9;
-            row["decode_bs1_gb_s"] = achieved.into();
+            let gb_per_second = |time: Duration| bytes_per_token as f64 * steps as f64 / time.as_secs_f64() / 1e9;
+            row["decode_bs1_gb_s"] = gb_per_second(decode).into();
             if flank {
                 // The warm-up run is not counted.
                 let runs = &flanked_runs[1..];
@@ -384,12 +387,10 @@ fn bench(size: &str, args: &Args, device: &Device) -> anyhow::Result<Value> {
                     values.sort_by(f64::total_cmp);
                     values[values.len() / 2]
                 };
-                let fraction = |&(time, copy): &(Duration, f64)| {
-                    decode_bytes(internvl) as f64 * steps as f64 / time.as_secs_f64() / 1e9 / copy
-                };
+                let fractions: Vec<f64> = runs.iter().map(|&(time, copy)| gb_per_second(time) / copy).collect();
                 row["machine_copy_gb_s"] = middle(runs.iter().map(|&(_, copy)| copy).collect()).into();
-                row["decode_bs1_fraction_of_copy"] = middle(runs.iter().map(fraction).collect()).into();
-                row["decode_bs1_fraction_of_copy_runs"] = runs.iter().map(fraction).collect::<Vec<_>>().into();
+                row["decode_bs1_fraction_of_copy"] = middle(fractions.clone()).into();
+                row["decode_bs1_fraction_of_copy_runs"] = fractions.into();
             }
         }
     }

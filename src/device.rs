@@ -1,5 +1,7 @@
 //! Picking a device. The one place that knows which burn backend serves the CPU.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::Device;
 
 /// The CPU device: burn's flex backend (`gemm` matrix products with AVX2 / AVX-512 chosen at run
@@ -43,15 +45,17 @@ pub fn is_cpu(device: &Device) -> bool {
 /// cores the products ran at one core's bandwidth. So `work` runs on a pool thread, where a loop
 /// shares its work with the thread that starts it, and the other pool threads poll for work
 /// until `work` returns instead of sleeping (as llama.cpp's threads spin between operations).
-/// Nested calls run in place.
-pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// Nested calls run in place; so does `work` for a `device` other than the CPU.
+pub fn on_compute_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
     /// Ends the polling when `work` returns or unwinds.
     struct Done<'a>(&'a AtomicBool);
     impl Drop for Done<'_> {
         fn drop(&mut self) {
             self.0.store(true, Ordering::Release);
         }
+    }
+    if !is_cpu(device) {
+        return work();
     }
     let done = AtomicBool::new(false);
     rayon::scope(|scope| {
@@ -67,7 +71,7 @@ pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 
 /// Runs the pool's pending jobs on this thread until `done`. Returns at once on `owner` (the thread
 /// that runs the work: it would wait on itself) and on a thread that is polling already.
-fn poll_for_work(done: &std::sync::atomic::AtomicBool, owner: Option<usize>) {
+fn poll_for_work(done: &AtomicBool, owner: Option<usize>) {
     use std::cell::Cell;
     thread_local! {
         static POLLING: Cell<bool> = const { Cell::new(false) };
@@ -76,7 +80,7 @@ fn poll_for_work(done: &std::sync::atomic::AtomicBool, owner: Option<usize>) {
         return;
     }
     POLLING.set(true);
-    while !done.load(std::sync::atomic::Ordering::Acquire) {
+    while !done.load(Ordering::Acquire) {
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
             std::hint::spin_loop();
         }
@@ -276,12 +280,12 @@ impl LaunchCounter {
 mod tests {
     use rayon::prelude::*;
 
-    use super::on_compute_pool;
+    use super::{cpu, on_compute_pool};
 
     #[test]
     fn work_runs_on_a_pool_thread_and_its_loops_finish() {
-        let (on_pool, sum) = on_compute_pool(|| {
-            let inner = on_compute_pool(|| (0..10_000u64).into_par_iter().sum::<u64>());
+        let (on_pool, sum) = on_compute_pool(&cpu(), || {
+            let inner = on_compute_pool(&cpu(), || (0..10_000u64).into_par_iter().sum::<u64>());
             (rayon::current_thread_index().is_some(), inner)
         });
         assert!(on_pool);
@@ -290,8 +294,8 @@ mod tests {
 
     #[test]
     fn a_panic_in_the_work_reaches_the_caller_and_the_pool_keeps_working() {
-        let result = std::panic::catch_unwind(|| on_compute_pool(|| panic!("inside the pool")));
+        let result = std::panic::catch_unwind(|| on_compute_pool(&cpu(), || panic!("inside the pool")));
         assert!(result.is_err());
-        assert_eq!(on_compute_pool(|| (1..=100u32).into_par_iter().sum::<u32>()), 5050);
+        assert_eq!(on_compute_pool(&cpu(), || (1..=100u32).into_par_iter().sum::<u32>()), 5050);
     }
 }

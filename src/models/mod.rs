@@ -121,20 +121,12 @@ impl Model {
     /// # Shapes
     /// - output: `[batch, seq_len, text_hidden]`
     pub fn hidden_states(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor<3>> {
-        if crate::device::is_cpu(&self.device()) {
-            return crate::device::on_compute_pool(|| self.hidden_states_here(inputs, cache));
-        }
-        self.hidden_states_here(inputs, cache)
-    }
-
-    /// [`hidden_states`](Self::hidden_states) on the calling thread.
-    fn hidden_states_here(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<Tensor<3>> {
-        match self {
+        crate::device::on_compute_pool(&self.device(), || match self {
             Model::InternVl(model) => model.forward_embeds(model.embed_inputs(inputs)?, cache),
             Model::QwenVl(model) => model.hidden_states(inputs, cache),
             Model::Llava(model) => model.hidden_states(inputs, cache),
             Model::NemotronOmni(model) => model.hidden_states(inputs, cache),
-        }
+        })
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -143,20 +135,12 @@ impl Model {
     /// - hidden: `[batch, seq_len, text_hidden]`
     /// - output: `[batch, seq_len, vocab]`
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        if crate::device::is_cpu(&self.device()) {
-            return crate::device::on_compute_pool(|| self.logits_here(hidden));
-        }
-        self.logits_here(hidden)
-    }
-
-    /// [`logits`](Self::logits) on the calling thread.
-    fn logits_here(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match self {
+        crate::device::on_compute_pool(&self.device(), || match self {
             Model::InternVl(model) => model.logits(hidden),
             Model::QwenVl(model) => model.logits(hidden),
             Model::Llava(model) => model.logits(hidden),
             Model::NemotronOmni(model) => model.logits(hidden),
-        }
+        })
     }
 
     /// Logits for every position ([`hidden_states`](Self::hidden_states), then

@@ -6,9 +6,11 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 /// Attention of one new token per sequence, on the CPU.
 mod cpu {
-    use burn::tensor::{Bool, DType, Tensor, TensorData};
-    use burn_flex::{Flex, FlexTensor};
+    use burn::tensor::{Bool, Tensor, TensorData};
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
+
+    use crate::nn::gemv;
 
     /// Attention for `q: [batch, kv_heads, rows, head_dim]` (the query heads of a group folded into
     /// rows, one position each) over keys and values read where they lie: views of the KV cache,
@@ -25,10 +27,8 @@ mod cpu {
         let [batch, kv_heads, rows, head_dim] = q.dims();
         let k_len = k.dims()[2];
         let device = q.device();
-        let (q, k, v) = (f32_primitive(q)?, f32_primitive(k)?, f32_primitive(v)?);
-        let q = if q.is_contiguous() { q } else { q.to_contiguous() };
-        let (start, end) = q.layout().contiguous_offsets()?;
-        let queries = q.storage::<f32>().get(start..end)?;
+        let (q, k, v) = (gemv::f32_on_cpu(q)?, gemv::f32_primitive(k)?, gemv::f32_primitive(v)?);
+        let queries = gemv::contiguous(&q)?;
         let (keys, values) = (Rows::of(&k)?, Rows::of(&v)?);
         // `[batch, 1, 1, k_len]`: which keys each sequence's new token must not see.
         let hidden: Option<Vec<bool>> = match mask {
@@ -45,7 +45,7 @@ mod cpu {
                 for (j, score) in scores.iter_mut().enumerate() {
                     *score = match hidden {
                         Some(hidden) if hidden[j] => f32::NEG_INFINITY,
-                        _ => super::super::gemv::dot(query, keys.row(b, head, j)) * scale as f32,
+                        _ => gemv::dot(query, keys.row(b, head, j)) * scale as f32,
                     };
                 }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -67,14 +67,6 @@ mod cpu {
         });
         let data = TensorData::new(out, [batch, kv_heads, rows, head_dim]);
         Some(Tensor::from_data(data, &device))
-    }
-
-    /// The tensor's burn-flex primitive as it lies (a view stays a view), when it is f32.
-    fn f32_primitive(tensor: &Tensor<4>) -> Option<FlexTensor> {
-        if tensor.dtype() != DType::F32 {
-            return None;
-        }
-        tensor.clone().try_into_primitive::<Flex>().ok()
     }
 
     /// Rows of `head_dim` values of a `[batch, heads, len, head_dim]` view with contiguous rows.

@@ -70,17 +70,23 @@ pub(crate) fn times_transposed(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>
     Some(Tensor::from_data(TensorData::new(y, [rows, d_output]), &x.device()))
 }
 
-/// The tensor's burn-flex primitive, contiguous, when it is an f32 tensor on the CPU.
-fn f32_on_cpu<const D: usize>(tensor: &Tensor<D>) -> Option<FlexTensor> {
+/// The tensor's burn-flex primitive as it lies (a view stays a view), when it is an f32 tensor on
+/// the CPU.
+pub(super) fn f32_primitive<const D: usize>(tensor: &Tensor<D>) -> Option<FlexTensor> {
     if tensor.dtype() != DType::F32 {
         return None;
     }
-    let flex = tensor.clone().try_into_primitive::<Flex>().ok()?;
+    tensor.clone().try_into_primitive::<Flex>().ok()
+}
+
+/// [`f32_primitive`], made contiguous.
+pub(super) fn f32_on_cpu<const D: usize>(tensor: &Tensor<D>) -> Option<FlexTensor> {
+    let flex = f32_primitive(tensor)?;
     Some(if flex.is_contiguous() { flex } else { flex.to_contiguous() })
 }
 
 /// The values of a contiguous f32 primitive, without a copy.
-fn contiguous(tensor: &FlexTensor) -> Option<&[f32]> {
+pub(super) fn contiguous(tensor: &FlexTensor) -> Option<&[f32]> {
     let (start, end) = tensor.layout().contiguous_offsets()?;
     tensor.storage::<f32>().get(start..end)
 }
